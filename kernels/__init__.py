@@ -1,0 +1,80 @@
+"""Multi-LoRA ops (installed as `loracli.kernels`).
+
+    lora_shrink(x[T, in], A[S, R, in], meta, ranks) -> y[T, R]
+    lora_expand(y[T, R], B[S, N, R], meta, out[T, M], offset, ranks)   # adds in place
+
+`meta` comes from `build_meta(token_slot)`, once per step for all layers. Slot -1 = no LoRA.
+The exact semantics and shapes are in `reference` (the spec every backend is tested against).
+
+Backends: Triton kernels (`triton_ops`) for CUDA tensors, grouped GEMMs in torch (`torch_ops`) for
+CPU tensors. `LORACLI_LORA_BACKEND=reference|torch|triton` forces one, read at every call; forcing
+`triton` with CPU tensors runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, set here
+before the kernels are first defined when unset; for tests only, it is slow). Triton is imported
+only when its backend is first used, so this package imports where Triton is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from . import reference, torch_ops
+from .meta import LoraMeta, build_meta
+
+BACKENDS = ("reference", "torch", "triton")
+BACKEND_ENV = "LORACLI_LORA_BACKEND"
+
+__all__ = ["BACKENDS", "LoraMeta", "backend_for", "build_meta", "lora_expand", "lora_shrink"]
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """The backend that runs ops on `t`: the forced one if `LORACLI_LORA_BACKEND` is set, else by device."""
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
+        return forced
+    return "triton" if t.is_cuda else "torch"
+
+
+def _triton_ops(t: torch.Tensor) -> ModuleType:
+    """Import `triton_ops`, asking for the interpreter first when the kernels will see CPU tensors."""
+    if not t.is_cuda and __name__ + ".triton_ops" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from . import triton_ops
+
+    return triton_ops
+
+
+def _module(t: torch.Tensor) -> ModuleType:
+    name = backend_for(t)
+    if name == "torch":
+        return torch_ops
+    if name == "reference":
+        return reference
+    return _triton_ops(t)
+
+
+def lora_shrink(
+    x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None
+) -> torch.Tensor:
+    """y[T, R]: y[t, :r] = x[t] @ A[slot[t], :r].T, zero elsewhere (r = ranks[slot] or R)."""
+    reference.check_shrink(x, A, meta, ranks)
+    return _module(x).lora_shrink(x, A, meta, ranks)
+
+
+def lora_expand(
+    y: torch.Tensor,
+    B: torch.Tensor,
+    meta: LoraMeta,
+    out: torch.Tensor,
+    offset: int = 0,
+    ranks: Sequence[int] | None = None,
+) -> None:
+    """out[t, offset:offset+N] += y[t, :r] @ B[slot[t], :, :r].T in place; nothing for slot -1."""
+    reference.check_expand(y, B, meta, out, offset, ranks)
+    _module(y).lora_expand(y, B, meta, out, offset, ranks)

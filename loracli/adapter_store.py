@@ -1,0 +1,77 @@
+"""The disk and CPU tiers of adapters: an adapters folder and an LRU cache of loaded adapters.
+
+`get(name)` returns the adapter's `LoraWeights` from the CPU cache (a hit) or loads, validates
+and scales it from disk (a load), evicting the least recently used cached adapter beyond
+`max_cpu_loras`. A failure is remembered, so later requests for a broken adapter fail at once
+with the same one-line reason and no disk read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapters import LoraWeights, load_adapter
+from .errors import AdapterError, ConfigError
+from .model.spec import ModelSpec
+
+
+@dataclass
+class StoreStats:
+    disk_loads: int = 0
+    cpu_hits: int = 0
+    cpu_evictions: int = 0
+    failures: int = 0
+    load_seconds: list[float] = field(default_factory=list)
+
+
+class AdapterStore:
+    def __init__(self, folder: str | Path | None, spec: ModelSpec, *, max_cpu_loras: int,
+                 max_lora_rank: int, allow_pickle: bool = False, dtype: torch.dtype = torch.float32):
+        self.folder = Path(folder) if folder is not None else None
+        if self.folder is not None and not self.folder.is_dir():
+            raise ConfigError(f"--adapters: {self.folder} is not a folder")
+        self.spec = spec
+        self.max_cpu_loras = max_cpu_loras
+        self.max_lora_rank = max_lora_rank
+        self.allow_pickle = allow_pickle
+        self.dtype = dtype
+        self.cache: OrderedDict[str, LoraWeights] = OrderedDict()
+        self.failed: dict[str, str] = {}
+        self.stats = StoreStats()
+        self._names = sorted(p.name for p in self.folder.iterdir() if p.is_dir()) if self.folder else []
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def has(self, name: str) -> bool:
+        return name in self._names
+
+    def get(self, name: str) -> LoraWeights:
+        if name in self.failed:
+            raise AdapterError(str(self.folder / name), self.failed[name])
+        if name in self.cache:
+            self.cache.move_to_end(name)
+            self.stats.cpu_hits += 1
+            return self.cache[name]
+        if not self.has(name):
+            raise AdapterError(str(self.folder / name if self.folder else name), "unknown adapter")
+        t0 = time.perf_counter()
+        try:
+            weights = load_adapter(self.folder / name, self.spec, max_lora_rank=self.max_lora_rank,
+                                   allow_pickle=self.allow_pickle, dtype=self.dtype)
+        except AdapterError as e:
+            self.failed[name] = e.reason if e.path == str(self.folder / name) else str(e)
+            self.stats.failures += 1
+            raise
+        self.stats.load_seconds.append(time.perf_counter() - t0)
+        self.stats.disk_loads += 1
+        self.cache[name] = weights
+        while len(self.cache) > self.max_cpu_loras:
+            self.cache.popitem(last=False)
+            self.stats.cpu_evictions += 1
+        return weights

@@ -1,0 +1,71 @@
+"""Engine configuration: one dataclass, validated in `__post_init__` with typed errors.
+
+Invalid values raise `ConfigError` with a one-line message naming the option, as the CLI
+spells it. Nothing here touches tensors or files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+MAX_LORA_RANK_LIMIT = 512
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs besides the requests themselves.
+
+    `max_lora_rank` accepts any power of two from 1 to 512 (vLLM's list {1,8,16,32,64,128,256,
+    512} plus 2 and 4; 320 is not a power of two and is refused).
+    """
+
+    model: str | None = None  # None = the embedded default model
+    adapters_dir: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    max_cpu_loras: int | None = None  # None = max(32, max_loras)
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 4096
+    max_model_len: int | None = None  # None = the model's context length
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None = sized from kv_cache_memory
+    kv_cache_memory: int = 1 << 30  # bytes for the paged KV cache when num_kv_blocks is None
+    allow_pickle: bool = False
+    seed: int = 0
+    starvation_steps: int = 64  # a request blocked on adapter slots this long stops new admissions
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        for name in ("max_loras", "max_lora_rank", "max_num_seqs", "max_batched_tokens", "block_size",
+                     "kv_cache_memory", "starvation_steps"):
+            _positive(name.replace("_", "-"), getattr(self, name))
+        r = self.max_lora_rank
+        if r > MAX_LORA_RANK_LIMIT or r & (r - 1):
+            raise ConfigError(
+                f"--max-lora-rank must be a power of two from 1 to {MAX_LORA_RANK_LIMIT}, got {r}"
+            )
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = max(32, self.max_loras)
+        _positive("max-cpu-loras", self.max_cpu_loras)
+        if self.max_cpu_loras < self.max_loras:
+            raise ConfigError(
+                f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})"
+            )
+        if self.max_model_len is not None:
+            _positive("max-model-len", self.max_model_len)
+        if self.num_kv_blocks is not None:
+            _positive("num-kv-blocks", self.num_kv_blocks)

@@ -1,0 +1,1 @@
+"""The batched engine: schedule -> run -> postprocess, one step at a time (see `engine.Engine`)."""

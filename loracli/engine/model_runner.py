@@ -1,0 +1,80 @@
+"""The only part of the engine that builds tensors: batch inputs, adapter slot writes, forward.
+
+`run(seqs, is_prefill)` orders nothing itself: the engine hands sequences sorted by adapter
+slot, so each slot's tokens form one contiguous run and the LoRA ops work on slices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import LoraWeights
+from ..kernels import build_meta
+from ..model.llama import AttnMeta, CausalLM
+from .block_manager import BlockManager
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, blocks: BlockManager):
+        self.model = model
+        self.blocks = blocks
+        self.device = model.device
+
+    def write_adapter(self, slot: int, weights: LoraWeights) -> None:
+        """Copy an adapter's A and scaled B into `slot` of every LoRA linear; clear what it lacks."""
+        for layer, lin in self.model.linears():
+            for j, name in enumerate(lin.names):
+                ab = weights.modules.get((layer, name))
+                lin.set_slot(slot, j, *(ab if ab is not None else (None, None)))
+
+    def clear_slot(self, slot: int) -> None:
+        for _, lin in self.model.linears():
+            for j in range(len(lin.names)):
+                lin.set_slot(slot, j, None, None)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """Forward one step; returns float32 logits [len(seqs), V] for each sequence's next token."""
+        if is_prefill:
+            ids, pos, rows, slots, lens = [], [], [], [], []
+            for seq in seqs:
+                n = len(seq)
+                ids.extend(seq.token_ids)
+                pos.extend(range(n))
+                rows.extend(self.blocks.row(seq, p) for p in range(n))
+                slots.extend([seq.slot] * n)
+                lens.append(n)
+            attn = AttnMeta(True, self._tensor(rows), lens)
+            last = self._tensor([sum(lens[:i + 1]) - 1 for i in range(len(lens))])
+        else:
+            ids = [seq.token_ids[-1] for seq in seqs]
+            pos = [len(seq) - 1 for seq in seqs]
+            rows = [self.blocks.row(seq, len(seq) - 1) for seq in seqs]
+            slots = [seq.slot for seq in seqs]
+            attn = self._decode_meta(seqs, rows)
+            last = None
+        lora = build_meta(slots, self.device) if any(s >= 0 for s in slots) else None
+        hidden = self.model.forward(self._tensor(ids), self._tensor(pos), attn, lora)
+        if last is not None:
+            hidden = hidden.index_select(0, last)
+        return self.model.logits(hidden)
+
+    def _decode_meta(self, seqs: list[Sequence], rows: list[int]) -> AttnMeta:
+        bs = self.blocks.block_size
+        max_len = max(len(s) for s in seqs)
+        width = -(-max_len // bs)
+        table = torch.zeros(len(seqs), width, dtype=torch.int64)
+        for i, seq in enumerate(seqs):
+            table[i, :len(seq.block_table)] = torch.tensor(seq.block_table[:width])
+        offs = torch.arange(max_len)
+        gather = table[:, offs // bs] * bs + offs % bs  # [B, L]
+        lens = torch.tensor([len(s) for s in seqs])
+        mask = offs[None, :] < lens[:, None]
+        window = self.model.spec.sliding_window
+        if window is not None:
+            mask &= offs[None, :] >= (lens[:, None] - window)
+        return AttnMeta(False, self._tensor(rows), [1] * len(seqs), gather.to(self.device),
+                        mask[:, None, None, :].to(self.device))

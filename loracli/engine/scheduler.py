@@ -1,0 +1,155 @@
+"""The scheduler: which sequences run in the next step. Plain Python bookkeeping, no tensors.
+
+Each step is either a prefill step (admit waiting sequences, whole prompts) or a decode step
+(one token for every running sequence), as in nano-vllm. Admission, in arrival order:
+- a sequence needs KV blocks for all its tokens, a place among `max_num_seqs`, room in the
+  `max_batched_tokens` budget (a lone sequence is always allowed), and, when it names an
+  adapter, a device slot for it (already resident, free, or evictable: unused by the batch);
+- running short of KV blocks or sequence places stops admission (FCFS for memory);
+- a sequence whose adapter cannot get a slot is skipped so others can run, until it has waited
+  `starvation_steps` steps: then admission stops until it gets in, so it waits at most that
+  long plus the time for running sequences to finish;
+- an adapter is loaded (via `ensure_adapter`) before any slot is evicted for it; if loading
+  fails, every waiting sequence for it fails with that reason.
+A decode step that lacks a block for some sequence preempts the most recently admitted running
+sequences (their blocks are freed and they wait again, to be recomputed).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..config import EngineConfig
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+from .slots import SlotManager
+
+
+@dataclass
+class Batch:
+    seqs: list[Sequence]
+    is_prefill: bool
+    activations: list[tuple[int, str]] = field(default_factory=list)  # (slot, adapter) to write
+    failed: list[tuple[Sequence, str]] = field(default_factory=list)  # adapter load failures
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, blocks: BlockManager, slots: SlotManager,
+                 ensure_adapter: Callable[[str], str | None]):
+        self.config = config
+        self.blocks = blocks
+        self.slots = slots
+        self.ensure_adapter = ensure_adapter  # name -> None if loaded, else the failure reason
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.step_no = 0
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.arrival_step = self.step_no
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Batch:
+        self.step_no += 1
+        batch = self._admit()
+        if batch.seqs or batch.failed:
+            return batch
+        return Batch(self._decode_set(), is_prefill=False)
+
+    def _admit(self) -> Batch:
+        cfg, batch = self.config, Batch([], is_prefill=True)
+        budget = cfg.max_batched_tokens
+        kept: deque[Sequence] = deque()
+        failed_adapters: dict[str, str] = {}
+        stop = False
+        while self.waiting:
+            seq = self.waiting.popleft()
+            if stop:
+                kept.append(seq)
+                continue
+            if seq.adapter in failed_adapters:
+                batch.failed.append((seq, failed_adapters[seq.adapter]))
+                continue
+            n = len(seq)
+            if len(self.running) >= cfg.max_num_seqs or (batch.seqs and n > budget) \
+                    or not self.blocks.can_allocate(seq):
+                kept.append(seq)
+                stop = True
+                continue
+            if seq.adapter is not None and self.slots.lookup(seq.adapter) is None:
+                if not self.slots.can_place(seq.adapter):
+                    if seq.blocked_since is None:
+                        seq.blocked_since = self.step_no
+                    kept.append(seq)
+                    stop = self.step_no - seq.blocked_since >= cfg.starvation_steps
+                    continue
+                reason = self.ensure_adapter(seq.adapter)
+                if reason is not None:
+                    failed_adapters[seq.adapter] = reason
+                    batch.failed.append((seq, reason))
+                    continue
+            self._start(seq, batch)
+            budget -= n
+        self.waiting = kept
+        if failed_adapters:
+            remaining: deque[Sequence] = deque()
+            for seq in self.waiting:
+                if seq.adapter in failed_adapters:
+                    batch.failed.append((seq, failed_adapters[seq.adapter]))
+                else:
+                    remaining.append(seq)
+            self.waiting = remaining
+        return batch
+
+    def _start(self, seq: Sequence, batch: Batch) -> None:
+        if seq.adapter is not None:
+            slot, _, write = self.slots.place(seq.adapter, self.step_no)
+            if write:
+                batch.activations.append((slot, seq.adapter))
+            self.slots.acquire(slot, self.step_no)
+            seq.slot = slot
+        self.blocks.allocate(seq)
+        seq.status = Status.RUNNING
+        seq.blocked_since = None
+        self.running.append(seq)
+        batch.seqs.append(seq)
+
+    def _decode_set(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:
+                continue
+            while not self.blocks.can_append(seq):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.append(seq)
+                scheduled.append(seq)
+        return scheduled
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and slot; it waits again (first in line) to be recomputed."""
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        self._release_slot(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        self._release_slot(seq)
+        seq.status = Status.FINISHED
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.slot >= 0:
+            self.slots.release(seq.slot)
+            seq.slot = -1

@@ -1,0 +1,76 @@
+"""Adapter slot table: which adapter sits in which device slot. Plain Python, no tensors.
+
+An adapter is *placed* in a slot (the caller then writes its weights there), *acquired* by
+each running sequence that uses it and *released* when that sequence leaves the batch. Only
+slots with no users and not pinned can be evicted; among those the least recently used goes
+first, and empty slots are taken before any eviction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SlotStats:
+    activations: int = 0  # adapter weights written into a slot
+    evictions: int = 0  # a resident adapter displaced by another
+    hits: int = 0  # placement requests already resident
+
+
+@dataclass
+class SlotManager:
+    n_slots: int
+    pinned: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.adapter_of: list[str | None] = [None] * self.n_slots
+        self.users = [0] * self.n_slots
+        self.last_used = [0] * self.n_slots
+        self.slot_of: dict[str, int] = {}
+        self.stats = SlotStats()
+
+    def lookup(self, name: str) -> int | None:
+        return self.slot_of.get(name)
+
+    def _victim(self) -> int | None:
+        empty = [s for s in range(self.n_slots) if self.adapter_of[s] is None]
+        if empty:
+            return empty[0]
+        free = [s for s in range(self.n_slots) if self.users[s] == 0 and self.adapter_of[s] not in self.pinned]
+        return min(free, key=lambda s: self.last_used[s]) if free else None
+
+    def can_place(self, name: str) -> bool:
+        return name in self.slot_of or self._victim() is not None
+
+    def place(self, name: str, step: int) -> tuple[int, str | None, bool]:
+        """Slot for `name` -> (slot, evicted adapter or None, whether weights must be written)."""
+        if name in self.slot_of:
+            self.stats.hits += 1
+            slot = self.slot_of[name]
+            self.last_used[slot] = step
+            return slot, None, False
+        slot = self._victim()
+        if slot is None:
+            raise RuntimeError("no slot available; call can_place first")
+        evicted = self.adapter_of[slot]
+        if evicted is not None:
+            del self.slot_of[evicted]
+            self.stats.evictions += 1
+        self.adapter_of[slot] = name
+        self.slot_of[name] = slot
+        self.last_used[slot] = step
+        self.stats.activations += 1
+        return slot, evicted, True
+
+    def acquire(self, slot: int, step: int) -> None:
+        self.users[slot] += 1
+        self.last_used[slot] = step
+
+    def release(self, slot: int) -> None:
+        if self.users[slot] <= 0:
+            raise RuntimeError(f"slot {slot} released more often than acquired")
+        self.users[slot] -= 1
+
+    def resident(self) -> list[str]:
+        return [a for a in self.adapter_of if a is not None]

@@ -1,0 +1,1 @@
+"""The base model: its shape (`spec`), weights (`loader`) and forward pass (`llama`)."""

@@ -1,0 +1,170 @@
+"""The decoder (Llama / Mistral / Qwen2) over a paged KV cache, with multi-LoRA linears.
+
+One call runs one engine step over a flat batch of T tokens:
+
+    forward(input_ids[T], positions[T], attn: AttnMeta, lora: LoraMeta | None) -> hidden[T, H]
+    logits(hidden[B, H]) -> float32 [B, V]
+
+Prefill steps hold whole sequences (attention over their own tokens, causal); decode steps
+hold one token per sequence (attention over its cached tokens). K/V of every token are
+written to the cache at `attn.slot_mapping`. The math follows transformers' modeling code
+(RMSNorm in float32, rotate-half RoPE from transformers' own rotary classes, SwiGLU, GQA),
+so outputs match it token for token.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import LoraMeta
+from .lora_linear import MultiLoraLinear
+from .spec import ModelSpec
+
+
+@dataclass
+class AttnMeta:
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [T] int64: flat KV-cache row of each token
+    seq_lens: list[int]  # prefill: tokens per sequence (python, sums to T)
+    gather_index: torch.Tensor | None = None  # decode: [B, L] flat KV rows of each sequence (padded)
+    key_mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] bool, True = attend
+
+
+def rotary_tables(config, spec: ModelSpec, max_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_len, head_dim], computed by transformers' rotary class for this model type."""
+    mt = spec.model_type
+    mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+    cls = next(getattr(mod, n) for n in dir(mod) if n.endswith("RotaryEmbedding") and n.lower().startswith(mt))
+    rope = cls(config)
+    pos = torch.arange(max_len).unsqueeze(0)
+    cos, sin = rope(torch.zeros(1, dtype=dtype), pos)
+    return cos[0].to(device), sin[0].to(device)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; cos/sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class Layer:
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], n_slots: int, max_rank: int):
+        h, q, kv = spec.hidden, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.input_norm = w["input_layernorm.weight"]
+        self.post_norm = w["post_attention_layernorm.weight"]
+        qkv_b = None
+        if spec.qkv_bias:
+            qkv_b = torch.cat([w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"], w["self_attn.v_proj.bias"]])
+        self.qkv = MultiLoraLinear(
+            torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]]),
+            qkv_b, [q, kv, kv], ["q_proj", "k_proj", "v_proj"], h, n_slots, max_rank)
+        self.o = MultiLoraLinear(w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"),
+                                 [h], ["o_proj"], q, n_slots, max_rank)
+        gu_b = None
+        if spec.mlp_bias:
+            gu_b = torch.cat([w["mlp.gate_proj.bias"], w["mlp.up_proj.bias"]])
+        self.gate_up = MultiLoraLinear(
+            torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), gu_b,
+            [spec.intermediate, spec.intermediate], ["gate_proj", "up_proj"], h, n_slots, max_rank)
+        self.down = MultiLoraLinear(w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"),
+                                    [h], ["down_proj"], spec.intermediate, n_slots, max_rank)
+
+    def linears(self) -> list[MultiLoraLinear]:
+        return [self.qkv, self.o, self.gate_up, self.down]
+
+
+class CausalLM:
+    """Weights, KV cache and forward pass. Plain tensors; no autograd."""
+
+    def __init__(self, config, spec: ModelSpec, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
+                 device: torch.device, n_slots: int, max_rank: int, max_len: int):
+        self.spec, self.dtype, self.device = spec, dtype, device
+
+        def take(name: str) -> torch.Tensor:
+            return state.pop(name).to(device=device, dtype=dtype).contiguous()
+
+        self.embed = take("model.embed_tokens.weight")
+        self.layers = []
+        for i in range(spec.num_layers):
+            prefix = f"model.layers.{i}."
+            w = {k[len(prefix):]: take(k) for k in [k for k in state if k.startswith(prefix)]}
+            self.layers.append(Layer(spec, w, n_slots, max_rank))
+        self.norm = take("model.norm.weight")
+        self.lm_head = self.embed if spec.tie_embeddings or "lm_head.weight" not in state else take("lm_head.weight")
+        self.cos, self.sin = rotary_tables(config, spec, max_len, dtype, device)
+        self.scale = spec.head_dim ** -0.5
+        self.kv: list[torch.Tensor] = []
+
+    def allocate_kv(self, num_rows: int) -> None:
+        """KV cache: per layer [2, num_rows, kv_heads, head_dim] (rows = blocks * block_size)."""
+        s = self.spec
+        self.kv = []  # release the old cache before allocating the new one
+        self.kv = [torch.zeros(2, num_rows, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device)
+                   for _ in range(s.num_layers)]
+
+    def kv_bytes_per_row(self) -> int:
+        s = self.spec
+        return 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def linears(self) -> list[tuple[int, MultiLoraLinear]]:
+        return [(i, lin) for i, layer in enumerate(self.layers) for lin in layer.linears()]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnMeta,
+                lora: LoraMeta | None) -> torch.Tensor:
+        s = self.spec
+        x = self.embed[input_ids]  # [T, H]
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
+        for layer, kv in zip(self.layers, self.kv):
+            h = rms_norm(x, layer.input_norm, s.rms_eps)
+            qkv = layer.qkv(h, lora)  # [T, (Hq + 2 Hkv) D]
+            q_n, kv_n = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+            q = apply_rope(qkv[:, :q_n].view(-1, s.num_heads, s.head_dim), cos, sin)
+            k = apply_rope(qkv[:, q_n:q_n + kv_n].view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+            v = qkv[:, q_n + kv_n:].view(-1, s.num_kv_heads, s.head_dim)
+            kv[0].index_copy_(0, attn.slot_mapping, k)
+            kv[1].index_copy_(0, attn.slot_mapping, v)
+            a = self._prefill_attention(q, k, v, attn) if attn.is_prefill else self._decode_attention(q, kv, attn)
+            x = x + layer.o(a, lora)
+            h = rms_norm(x, layer.post_norm, s.rms_eps)
+            gu = layer.gate_up(h, lora)  # [T, 2I]
+            x = x + layer.down(F.silu(gu[:, :s.intermediate]) * gu[:, s.intermediate:], lora)
+        return rms_norm(x, self.norm, s.rms_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
+    def _prefill_attention(self, q, k, v, attn: AttnMeta) -> torch.Tensor:
+        """Causal attention within each sequence: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq*D]."""
+        outs, start, window = [], 0, self.spec.sliding_window
+        for n in attn.seq_lens:
+            qs, ks, vs = (t[start:start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            if window is not None and n > window:
+                i = torch.arange(n, device=q.device)
+                mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            else:
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
+            outs.append(o[0].transpose(0, 1).reshape(n, -1))
+            start += n
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _decode_attention(self, q, kv: torch.Tensor, attn: AttnMeta) -> torch.Tensor:
+        """One query per sequence over its cached keys: q [B, Hq, D] -> [B, Hq*D]."""
+        keys = kv[0][attn.gather_index].transpose(1, 2)  # [B, Hkv, L, D]
+        vals = kv[1][attn.gather_index].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=attn.key_mask,
+                                           scale=self.scale, enable_gqa=True)  # [B, Hq, 1, D]
+        return o.reshape(q.shape[0], -1)

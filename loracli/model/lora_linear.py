@@ -1,0 +1,78 @@
+"""`MultiLoraLinear`: a fused base linear whose sub-projections each carry per-slot LoRA buffers.
+
+The base weight `[N, in]` is the row-concatenation of sub-projections (q|k|v, gate|up, or a
+single one) with out sizes `splits`. For sub-projection j and slot s the buffers hold
+`A[j][s] [R, in]` and `B[j][s] [n_j, R]` (scale folded into B); `ranks[j][s]` is the real rank
+(0 = the adapter in slot s does not target this module). Per token t with slot `k = slot[t]`:
+
+    out[t] = x[t] @ W.T (+ bias) + sum_j  place_j( x[t] @ A[j][k, :r].T @ B[j][k, :, :r].T )
+
+where place_j writes at column offset sum(splits[:j]). Tokens with slot -1 get the base only.
+Buffers are allocated once per slot count (`resize`) and written only on adapter activation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import LoraMeta, lora_expand, lora_shrink
+
+
+class MultiLoraLinear:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, splits: list[int], names: list[str],
+                 in_features: int, n_slots: int, max_rank: int):
+        self.weight = weight  # [N, in]
+        self.bias = bias  # [N] or None
+        self.splits = splits
+        self.names = names
+        self.offsets = [sum(splits[:j]) for j in range(len(splits))]
+        self.in_features = in_features
+        self.max_rank = max_rank
+        self.A: list[torch.Tensor] = []
+        self.B: list[torch.Tensor] = []
+        self.ranks: list[list[int]] = []
+        self.resize(n_slots)
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.ranks[0]) if self.ranks else 0
+
+    def resize(self, n_slots: int, keep: list[int] | None = None) -> None:
+        """Reallocate buffers for `n_slots` slots; new slot i takes old slot keep[i] (or empty)."""
+        dev, dt, R = self.weight.device, self.weight.dtype, self.max_rank
+        old = (self.A, self.B, self.ranks)
+        self.A = [torch.zeros(n_slots, R, self.in_features, device=dev, dtype=dt) for _ in self.splits]
+        self.B = [torch.zeros(n_slots, n, R, device=dev, dtype=dt) for n in self.splits]
+        self.ranks = [[0] * n_slots for _ in self.splits]
+        for new, src in enumerate(keep or []):
+            if src is None or src < 0:
+                continue
+            for j in range(len(self.splits)):
+                self.A[j][new].copy_(old[0][j][src])
+                self.B[j][new].copy_(old[1][j][src])
+                self.ranks[j][new] = old[2][j][src]
+
+    def set_slot(self, slot: int, j: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Write sub-projection j of `slot`: a [r, in], b [n_j, r] (scaled), or clear it when None."""
+        self.A[j][slot].zero_()
+        self.B[j][slot].zero_()
+        if a is None:
+            self.ranks[j][slot] = 0
+            return
+        r = a.shape[0]
+        self.A[j][slot, :r].copy_(a)
+        self.B[j][slot, :, :r].copy_(b)
+        self.ranks[j][slot] = r
+
+    def __call__(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)  # [T, N]
+        if meta is None or not meta.any_lora:
+            return out
+        for j in range(len(self.splits)):
+            ranks = self.ranks[j]
+            if not any(ranks):
+                continue
+            y = lora_shrink(x, self.A[j], meta, ranks)  # [T, R]
+            lora_expand(y, self.B[j], meta, out, self.offsets[j], ranks)
+        return out
