@@ -14,7 +14,6 @@ import sys
 from dataclasses import asdict
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -24,6 +23,11 @@ from .errors import LoracliError
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Serve many LoRA adapters of one base model at once, in batch.")
 err = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """loracli: one base model, many LoRA adapters, one batched engine."""
 
 
 @app.command()
@@ -78,18 +82,13 @@ def run(
 def main() -> None:
     debug = os.environ.get("LORACLI_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        app()
     except LoracliError as e:
         if debug:
             raise
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the one handler: a line, or the traceback with LORACLI_DEBUG=1

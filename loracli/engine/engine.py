@@ -71,9 +71,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    cpu = getattr(torch._C, "_cpu", None)
-    fast_bf16 = cpu is not None and (getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-                                     or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    fast_bf16 = any(getattr(torch.cpu, p, lambda: False)() for p in probes)
     return torch.bfloat16 if fast_bf16 else torch.float32
 
 

@@ -1,0 +1,161 @@
+"""Adapter loading: scale folding (rsLoRA, patterns) and every mistake caught at load, one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loracli.adapters import load_adapter, parse_lora_key
+from loracli.errors import AdapterError
+from loracli.model.loader import load_config
+
+
+@pytest.fixture(scope="module")
+def spec(llama_dir):
+    return load_config(llama_dir)[1]
+
+
+def copy_adapter(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def edit_tensors(folder, fn):
+    path = folder / "adapter_model.safetensors"
+    tensors = fn(load_file(str(path)))
+    save_file(tensors, str(path))
+
+
+def test_parse_lora_key():
+    assert parse_lora_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight") == (3, "q_proj", "A")
+    assert parse_lora_key("base_model.model.model.layers.10.mlp.down_proj.lora_B.default.weight") == (10, "down_proj", "B")
+    assert parse_lora_key("base_model.model.lm_head.lora_A.weight") is None
+
+
+@pytest.mark.parametrize("name", ["attn4", "mlp8", "all16rs", "pattern"])
+def test_scale_folded_like_peft(name, llama_dir, llama_adapters, spec):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    w = load_adapter(llama_adapters / name, spec, max_lora_rank=16)
+    base = AutoModelForCausalLM.from_pretrained(str(llama_dir), torch_dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(llama_adapters / name))
+    checked = 0
+    for mod_name, mod in peft.named_modules():
+        if not hasattr(mod, "lora_A") or "default" not in mod.lora_A:
+            continue
+        layer, module = int(mod_name.split(".layers.")[1].split(".")[0]), mod_name.rsplit(".", 1)[1]
+        a, b = w.modules[(layer, module)]
+        delta_ref = mod.lora_B["default"].weight @ mod.lora_A["default"].weight * mod.scaling["default"]
+        torch.testing.assert_close(b @ a, delta_ref, rtol=1e-5, atol=1e-6)
+        checked += 1
+    assert checked == len(w.modules) > 0
+
+
+def test_pattern_ranks_and_alphas(llama_adapters, spec):
+    w = load_adapter(llama_adapters / "pattern", spec)
+    assert w.modules[(0, "down_proj")][0].shape[0] == 4
+    assert w.modules[(0, "q_proj")][0].shape[0] == 8
+
+
+def expect_error(folder, spec, match, **kw):
+    with pytest.raises(AdapterError, match=match) as e:
+        load_adapter(folder, spec, **kw)
+    assert "\n" not in str(e.value)
+    return e.value
+
+
+def test_missing_folder_and_files(tmp_path, llama_adapters, spec):
+    expect_error(tmp_path / "nope", spec, "adapter folder not found")
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    (a / "adapter_model.safetensors").unlink()
+    expect_error(a, spec, "no adapter weights")
+    (a / "adapter_config.json").unlink()
+    expect_error(a, spec, "adapter_config.json.*missing")
+
+
+def test_malformed_config(tmp_path, llama_adapters, spec):
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    (a / "adapter_config.json").write_text("{not json")
+    expect_error(a, spec, "not valid JSON")
+
+
+def test_pickle_refused_unless_allowed(tmp_path, llama_adapters, spec):
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    tensors = load_file(str(a / "adapter_model.safetensors"))
+    (a / "adapter_model.safetensors").unlink()
+    torch.save(tensors, a / "adapter_model.bin")
+    expect_error(a, spec, "pickle weights are refused.*--allow-pickle")
+    w = load_adapter(a, spec, allow_pickle=True)
+    ref = load_adapter(llama_adapters / "attn4", spec)
+    for key, (a_t, b_t) in ref.modules.items():
+        assert torch.equal(w.modules[key][0], a_t) and torch.equal(w.modules[key][1], b_t)
+
+
+def test_truncated_weights(tmp_path, llama_adapters, spec):
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    data = (a / "adapter_model.safetensors").read_bytes()
+    (a / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    expect_error(a, spec, "unreadable weights")
+
+
+def test_target_module_absent(tmp_path, llama_adapters, spec):
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    edit_tensors(a, lambda t: {k.replace("q_proj", "qq_proj"): v for k, v in t.items()})
+    expect_error(a, spec, "module 'qq_proj' is not a supported target")
+
+
+def test_layer_absent(tmp_path, llama_adapters, spec):
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    edit_tensors(a, lambda t: {k.replace("layers.1.", "layers.7."): v for k, v in t.items()})
+    expect_error(a, spec, "only 2 layers")
+
+
+def test_shape_mismatch(tmp_path, llama_adapters, spec):
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    edit_tensors(a, lambda t: {k: (v[:, :10].contiguous() if "q_proj.lora_A" in k else v) for k, v in t.items()})
+    expect_error(a, spec, "does not match the model")
+
+
+def test_rank_above_max(llama_adapters, spec):
+    expect_error(llama_adapters / "all16rs", spec, "rank 16 exceeds --max-lora-rank 8", max_lora_rank=8)
+
+
+def test_missing_half(tmp_path, llama_adapters, spec):
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    edit_tensors(a, lambda t: {k: v for k, v in t.items() if "layers.0.self_attn.q_proj.lora_B" not in k})
+    expect_error(a, spec, "lora_B weight missing")
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"use_dora": True}, "DoRA"),
+    ({"bias": "all"}, "bias='all' is not supported"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"target_modules": ["embed_tokens", "q_proj"]}, "embedding / lm_head"),
+    ({"peft_type": "IA3"}, "not LORA"),
+])
+def test_unsupported_features(tmp_path, llama_adapters, spec, change, match):
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    edit_config(a, **change)
+    expect_error(a, spec, match)
+
+
+def test_dora_and_embedding_tensors(tmp_path, llama_adapters, spec):
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    edit_tensors(a, lambda t: {**t, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector":
+                               torch.ones(64)})
+    expect_error(a, spec, "DoRA magnitude")
+    b = copy_adapter(llama_adapters / "attn4", tmp_path / "b")
+    edit_tensors(b, lambda t: {**t, "base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(4, 10)})
+    expect_error(b, spec, "embedding")
