@@ -39,7 +39,8 @@ def edit_tensors(folder, fn):
 
 def test_parse_lora_key():
     assert parse_lora_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight") == (3, "q_proj", "A")
-    assert parse_lora_key("base_model.model.model.layers.10.mlp.down_proj.lora_B.default.weight") == (10, "down_proj", "B")
+    key = "base_model.model.model.layers.10.mlp.down_proj.lora_B.default.weight"
+    assert parse_lora_key(key) == (10, "down_proj", "B")
     assert parse_lora_key("base_model.model.lm_head.lora_A.weight") is None
 
 

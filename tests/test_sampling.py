@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from test_engine_vs_peft import make_engine
 
 from loracli.engine.sampler import top_p_filter
 from loracli.requests import Request
-from test_engine_vs_peft import make_engine
 
 PROMPTS = ["the quick brown fox", "hello world", "write a poem about the sea", "numbers one two"]
 
@@ -24,7 +24,8 @@ def test_same_seed_same_output_whatever_the_batch(llama_dir, llama_adapters):
     engine = make_engine(llama_dir, llama_adapters)
     target = sampled(PROMPTS[0], "t", 123, "mlp8")
     alone = run(engine, [target])["t"].token_ids
-    crowd = [sampled(p, f"c{i}", i, a) for i, (p, a) in enumerate(zip(PROMPTS * 2, ["attn4", None, "mlp8", "all16rs"] * 2))]
+    mix = zip(PROMPTS * 2, ["attn4", None, "mlp8", "all16rs"] * 2, strict=True)
+    crowd = [sampled(p, f"c{i}", i, a) for i, (p, a) in enumerate(mix)]
     together = run(engine, crowd[:3] + [target] + crowd[3:])["t"].token_ids
     assert alone == together
 
@@ -65,7 +66,7 @@ def test_stop_string_truncates(llama_dir, llama_adapters):
 def test_eos_stops_and_max_tokens_lengths(llama_dir, llama_adapters):
     engine = make_engine(llama_dir, llama_adapters)
     free = run(engine, [Request(id=f"e{i}", adapter=a, prompt=p, params={"max_tokens": 40})
-                        for i, (p, a) in enumerate(zip(PROMPTS, ["attn4", None, "mlp8", "all16rs"]))])
+                        for i, (p, a) in enumerate(zip(PROMPTS, ["attn4", None, "mlp8", "all16rs"], strict=True))])
     eos = engine.eos_ids
     for r in free.values():
         if r.finish_reason == "stop":

@@ -58,6 +58,12 @@ class RunStats:
     steps: int = 0
     prefill_steps: int = 0
     per_adapter: dict[str, int] = field(default_factory=dict)
+    oom_backoffs: int = 0
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def resolve_device(name: str) -> torch.device:
@@ -221,12 +227,17 @@ class Engine:
         if not batch.seqs:
             return out
         seqs = sorted(batch.seqs, key=lambda s: s.slot)
-        logits = self.runner.run(seqs, batch.is_prefill)
+        try:
+            logits = self.runner.run(seqs, batch.is_prefill)
+        except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(e):
+                raise
+            return out + self._back_off(batch, e)
         self.stats.steps += 1
         self.stats.prefill_steps += batch.is_prefill
         bad = (~torch.isfinite(logits).all(dim=-1)).tolist()
         if any(bad):
-            for seq, is_bad in zip(seqs, bad):
+            for seq, is_bad in zip(seqs, bad, strict=True):
                 if is_bad:
                     self.scheduler.finish(seq)
                     out.append(self._fail_seq(seq, "engine_error", "non-finite logits"))
@@ -234,7 +245,7 @@ class Engine:
             seqs, logits = [seqs[i] for i in keep], logits[keep]
         tokens = sample(logits, seqs, self.generators) if seqs else []
         now = time.perf_counter()
-        for seq, tok in zip(seqs, tokens):
+        for seq, tok in zip(seqs, tokens, strict=True):
             seq.token_ids.append(tok)
             arrival, first = self._arrivals[seq.seq_id]
             if first is None:
@@ -243,6 +254,26 @@ class Engine:
                 self.scheduler.finish(seq)
                 out.append(self._finish(seq))
         return out
+
+    def _back_off(self, batch, error: RuntimeError) -> list[Result]:
+        """Out of device memory in one step: halve the batch limits, requeue, retry; a lone sequence fails."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.stats.oom_backoffs += 1
+        if len(batch.seqs) == 1:
+            seq = batch.seqs[0]
+            self.scheduler.finish(seq)
+            return [self._fail_seq(seq, "out_of_memory", f"out of device memory even alone: {error}")]
+        cfg = self.config
+        if batch.is_prefill:
+            cfg.max_batched_tokens = max(1, sum(len(s) for s in batch.seqs) // 2)
+            victims = list(batch.seqs)
+        else:
+            cfg.max_num_seqs = max(1, len(batch.seqs) // 2)
+            victims = self.scheduler.running[cfg.max_num_seqs:]
+        for seq in reversed(victims):
+            self.scheduler.preempt(seq)
+        return []
 
     def _check_finished(self, seq: Sequence, tok: int) -> bool:
         p = seq.params

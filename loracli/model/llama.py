@@ -126,7 +126,7 @@ class CausalLM:
         s = self.spec
         x = self.embed[input_ids]  # [T, H]
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
-        for layer, kv in zip(self.layers, self.kv):
+        for layer, kv in zip(self.layers, self.kv, strict=True):
             h = rms_norm(x, layer.input_norm, s.rms_eps)
             qkv = layer.qkv(h, lora)  # [T, (Hq + 2 Hkv) D]
             q_n, kv_n = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
