@@ -6,11 +6,12 @@
 `meta` comes from `build_meta(token_slot)`, once per step for all layers. Slot -1 = no LoRA.
 The exact semantics and shapes are in `reference` (the spec every backend is tested against).
 
-Backends: Triton kernels (`triton_ops`) for CUDA tensors, grouped GEMMs in torch (`torch_ops`) for
-CPU tensors. `LORACLI_LORA_BACKEND=reference|torch|triton` forces one, read at every call; forcing
-`triton` with CPU tensors runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, set here
-before the kernels are first defined when unset; for tests only, it is slow). Triton is imported
-only when its backend is first used, so this package imports where Triton is absent.
+Backends: Triton kernels (`triton_ops`) for CUDA tensors, grouped GEMMs in torch (`torch_ops`)
+for CPU tensors. `LORACLI_LORA_BACKEND=reference|torch|triton` forces one (read at every call).
+Forcing `triton` with CPU tensors runs the kernels in Triton's interpreter: TRITON_INTERPRET=1,
+which must be set before triton is first imported, so it is set here when triton is not imported
+yet (for tests; the interpreter is slow). Triton is imported only when its backend is first used,
+so this package imports where Triton is absent.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def backend_for(t: torch.Tensor) -> str:
 
 def _triton_ops(t: torch.Tensor) -> ModuleType:
     """Import `triton_ops`, asking for the interpreter first when the kernels will see CPU tensors."""
-    if not t.is_cuda and __name__ + ".triton_ops" not in sys.modules:
+    if not t.is_cuda and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from . import triton_ops
 

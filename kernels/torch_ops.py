@@ -1,18 +1,24 @@
 """The CPU path: grouped GEMMs in plain torch, same semantics as `reference`.
 
-Two strategies, picked per step from the slot layout (`strategy`, cached on the meta):
+Two strategies; `use_bmm` picks one per op and step (cached on the meta):
 
-* ``runs``: one GEMM per slot run on contiguous slices (plus one gather/scatter of the whole
-  batch when `meta.order` is set). FLOPs are exactly the useful ones and every slot runs at its
-  real rank `ranks[slot]`, so rank padding costs memory, never FLOPs. Each run costs two small
-  GEMM calls, whose fixed cost (~10-30 us on CPU, worst in bf16) dominates short runs.
+* ``runs``: one GEMM per slot run on contiguous slices (plus one gather of the batch and one
+  gather-back of the results when `meta.order` is set). FLOPs are exactly the useful ones and
+  every slot runs at its real rank `ranks[slot]`, so rank padding costs memory, never FLOPs. But
+  each run is one small GEMM call per op, and on CPU a small GEMM has a fixed cost of ~5 us (fp32)
+  to ~20 us (bf16), which dominates short runs.
 * ``bmm``: tokens padded into a [G, L] grid (G used slots, L = most tokens of one slot), then one
-  `bmm` for the shrink and one for the expand, whatever the number of slots. Ranks are applied as
-  a mask, so a slot of rank r < R costs R columns of FLOPs, and padding cells cost FLOPs too; when
-  tokens are already sorted by slot in equal counts (the usual decode batch) no gather is needed.
+  `bmm` per op however many slots there are. Ranks are applied as a mask, so a slot of rank
+  r < R costs R columns of FLOPs, and padding cells cost FLOPs too. When the tokens are already
+  sorted by slot in equal counts (the model runner's usual batch) the grid is `x` itself: no copy.
 
-`bmm` wins when runs are short (decode), `runs` when they are long (prefill): see
-`kernels/bench.py` for the measurements behind `BMM_MAX_TOKENS_PER_SLOT`.
+The choice is a cost model: bmm unless its padding FLOPs exceed the fixed cost of the GEMM calls
+it saves. Measured (`python -m loracli.kernels.bench --strategy auto runs bmm`): bmm wins for every
+step sorted by slot, decode and prefill, by 1.5-4x at decode in bf16; runs win prefill with skewed
+(zipf) slot sizes, where the grid is mostly padding. Scatters use gathers (`index_select` of the
+results through an inverse permutation), never `index_add_`, which is ~15x slower on CPU.
+`torch.compile` of the bmm path was measured slower than eager (guards + extern GEMM calls) and
+is not used.
 """
 
 from __future__ import annotations
@@ -24,23 +30,27 @@ import torch
 
 from .meta import LoraMeta
 
-BMM_MAX_TOKENS_PER_SLOT = 64  # bmm when the grid width L is at most this ...
-BMM_MAX_PADDING = 2.0  # ... and the grid has at most this many cells per LoRA token
+# Fixed cost of one small GEMM call in FLOPs of a skinny bmm, per dtype (see `use_bmm`), measured on
+# AVX-512/AMX with one thread: ~22 us x ~150 GFLOP/s in bf16, ~5.5 us x ~65 GFLOP/s in fp32. Dtypes
+# missing here always take the runs: in fp16 torch's CPU bmm is ~10x slower per FLOP than its mm.
+GEMM_CALL_FLOPS = {torch.bfloat16: 3e6, torch.float32: 4e5}
 
 
 @dataclass(frozen=True)
 class SlotGrid:
-    """Tokens laid out as a [G, L] grid, row g holding the tokens of `slots[g]` (see module docstring)."""
+    """Tokens laid out as a [G, L] grid, row g holding the tokens of `slots[g]` (see module docstring).
+
+    Results come back per token by gathering cells through `dst`; the grid's results get one extra
+    all-zero cell, G*L, which is where slot -1 tokens read from (so they get zeros for free).
+    """
 
     slots: tuple[int, ...]  # G used slots, ascending
     width: int  # L: the most tokens any used slot has
     identity: bool  # x itself is the grid: tokens sorted by slot, equal counts, no slot -1
     slot_index: torch.Tensor | None  # [G] int64 slots to gather weights of, None when slots == range(G)
     src: torch.Tensor  # [G*L] token feeding each cell; padding cells repeat a real token of their row
-    dst: torch.Tensor  # [T] cell of each token (slot -1 tokens point at cell 0 and are masked)
-    cells: torch.Tensor | None  # [n] cells holding real tokens, None when every cell is real
-    tokens: torch.Tensor  # [n] token of each real cell
-    has_free: bool  # some token has slot -1
+    dst: torch.Tensor  # [T] cell of each token, G*L (the zero cell) for slot -1 tokens
+    lora_tokens: int  # tokens with a slot
 
 
 def slot_grid(meta: LoraMeta) -> SlotGrid:
@@ -56,17 +66,13 @@ def _build_grid(meta: LoraMeta) -> SlotGrid:
             members.setdefault(s, []).append(t)
     used = sorted(members)
     width = max(len(m) for m in members.values())
-    src, cells, tokens = [], [], []
-    dst = [0] * len(slots)
+    src = []
+    dst = [len(used) * width] * len(slots)
     for g, s in enumerate(used):
         row = members[s]
-        for j in range(width):
-            src.append(row[min(j, len(row) - 1)])
+        src.extend(row[min(j, len(row) - 1)] for j in range(width))
         for j, t in enumerate(row):
             dst[t] = g * width + j
-            cells.append(g * width + j)
-            tokens.append(t)
-    identity = src == list(range(len(slots)))
     dev = meta.token_slot.device
 
     def index(values: list[int]) -> torch.Tensor:
@@ -75,58 +81,77 @@ def _build_grid(meta: LoraMeta) -> SlotGrid:
     return SlotGrid(
         slots=tuple(used),
         width=width,
-        identity=identity,
+        identity=src == list(range(len(slots))),
         slot_index=None if used == list(range(len(used))) else index(used),
         src=index(src),
         dst=index(dst),
-        cells=None if len(cells) == len(src) else index(cells),
-        tokens=index(tokens),
-        has_free=-1 in slots,
+        lora_tokens=sum(len(m) for m in members.values()),
     )
 
 
-def strategy(meta: LoraMeta) -> str:
-    """'bmm' for short runs (decode-like steps), 'runs' otherwise; see module docstring."""
-    return meta.cached("torch.strategy", lambda: _pick_strategy(meta))
+def inverse_order(meta: LoraMeta) -> torch.Tensor:
+    """[T] int64 position of each token in `meta.order` (built once per step)."""
+
+    def build() -> torch.Tensor:
+        inv = torch.empty_like(meta.order)
+        inv[meta.order] = torch.arange(meta.num_tokens, device=meta.order.device)
+        return inv
+
+    return meta.cached("torch.inverse_order", build)
 
 
-def _pick_strategy(meta: LoraMeta) -> str:
-    grid = slot_grid(meta)
-    cells = len(grid.slots) * grid.width
-    lora_tokens = grid.tokens.numel()
-    if grid.width <= BMM_MAX_TOKENS_PER_SLOT and cells <= BMM_MAX_PADDING * lora_tokens:
-        return "bmm"
-    return "runs"
+def use_bmm(meta: LoraMeta, D: int, R: int, dtype: torch.dtype) -> bool:
+    """Whether one bmm beats one GEMM per run for a GEMM of R x D per token (D = in for shrink, N for expand).
+
+    The bmm wastes the FLOPs of its padding cells, the runs pay a fixed cost per extra GEMM call.
+    """
+    key = ("torch.use_bmm", D, R, dtype)
+    choice = meta.cache.get(key)
+    if choice is None:
+        call_flops = GEMM_CALL_FLOPS.get(dtype)
+        grid = slot_grid(meta)
+        padding_flops = 2 * (len(grid.slots) * grid.width - grid.lora_tokens) * R * D
+        saved_flops = (len(meta.runs) - 1) * call_flops if call_flops is not None else -1.0
+        choice = meta.cache[key] = padding_flops <= saved_flops
+    return choice
 
 
 def _rank_of(ranks: Sequence[int] | None, slot: int, R: int) -> int:
     return R if ranks is None else int(ranks[slot])
 
 
-def _drop_mask(meta: LoraMeta, ranks: Sequence[int] | None, R: int) -> torch.Tensor | None:
-    """[T, R] bool, True where y must be zero (slot -1 rows, columns >= the slot's rank); None if nowhere."""
-    grid = slot_grid(meta)
-    short = ranks is not None and any(int(ranks[s]) < R for s in grid.slots)
-    if not short and not grid.has_free:
+def _short_rank_mask(meta: LoraMeta, ranks: Sequence[int] | None, R: int) -> torch.Tensor | None:
+    """[T, R] bool, True at columns >= the token's slot rank (and on slot -1 rows); None if none is short."""
+    if ranks is None:
         return None
-    key = ("torch.drop", R, None if ranks is None else tuple(int(ranks[s]) for s in grid.slots))
+    grid = slot_grid(meta)
+    short = tuple(map(ranks.__getitem__, grid.slots))
+    if min(short) == R:
+        return None
 
     def build() -> torch.Tensor:
         dev = meta.token_slot.device
         rank = torch.zeros(meta.max_slot + 2, dtype=torch.int64, device=dev)  # index -1 -> rank 0
-        for s in grid.slots:
-            rank[s] = _rank_of(ranks, s, R)
-        limit = rank[meta.token_slot]  # [T]
-        return torch.arange(R, device=dev)[None, :] >= limit[:, None]
+        rank[list(grid.slots)] = torch.tensor(short, dtype=torch.int64, device=dev)
+        return torch.arange(R, device=dev)[None, :] >= rank[meta.token_slot][:, None]
 
-    return meta.cached(key, build)
+    return meta.cached(("torch.short_rank_mask", R, short), build)
 
 
 def _grid_weights(W: torch.Tensor, grid: SlotGrid) -> torch.Tensor:
     """W[slots of the grid]: a slice when they are 0..G-1, else a gather."""
-    if grid.slot_index is None:
-        return W[: len(grid.slots)]
-    return W.index_select(0, grid.slot_index)
+    if grid.slot_index is not None:
+        return W.index_select(0, grid.slot_index)
+    return W if W.shape[0] == len(grid.slots) else W[: len(grid.slots)]
+
+
+def _grid_bmm(grid: SlotGrid, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[G*L + 1, Y]: a[src] as [G, L, X] times w [G, X, Y], plus the all-zero cell G*L."""
+    G, L = len(grid.slots), grid.width
+    res = a.new_empty(G * L + 1, w.shape[2])
+    res[-1].zero_()
+    torch.bmm(a.index_select(0, grid.src).view(G, L, -1), w, out=res[:-1].view(G, L, -1))
+    return res
 
 
 def shrink_bmm(
@@ -136,11 +161,13 @@ def shrink_bmm(
     grid = slot_grid(meta)
     T, K = x.shape
     G, L, R = len(grid.slots), grid.width, A.shape[1]
-    xg = x if grid.identity else x.index_select(0, grid.src)  # [G*L, K]
-    yg = torch.bmm(xg.view(G, L, K), _grid_weights(A, grid).transpose(1, 2))  # [G, L, R]
-    y = yg.view(T, R) if grid.identity else yg.view(G * L, R).index_select(0, grid.dst)  # [T, R]
-    drop = _drop_mask(meta, ranks, R)
-    return y if drop is None else y.masked_fill_(drop, 0)
+    At = _grid_weights(A, grid).transpose(1, 2)  # [G, K, R]
+    if grid.identity:
+        y = torch.bmm(x.view(G, L, K), At).view(T, R)
+    else:
+        y = _grid_bmm(grid, x, At).index_select(0, grid.dst)  # [T, R]
+    short = _short_rank_mask(meta, ranks, R)
+    return y if short is None else y.masked_fill_(short, 0)
 
 
 def expand_bmm(
@@ -155,17 +182,14 @@ def expand_bmm(
     grid = slot_grid(meta)
     G, L = len(grid.slots), grid.width
     N, R = B.shape[1], B.shape[2]
-    drop = _drop_mask(meta, ranks, R)
-    yk = y if drop is None else y.masked_fill(drop, 0)  # [T, R], columns past the rank zeroed
+    short = _short_rank_mask(meta, ranks, R)
+    yk = y if short is None else y.masked_fill(short, 0)  # [T, R], columns past the rank zeroed
     Bt = _grid_weights(B, grid).transpose(1, 2)  # [G, R, N]
     view = out.narrow(1, offset, N)  # [T, N]
     if grid.identity:
         view.view(G, L, N).baddbmm_(yk.view(G, L, R), Bt)
-        return
-    upd = torch.bmm(yk.index_select(0, grid.src).view(G, L, R), Bt).view(G * L, N)
-    if grid.cells is not None:
-        upd = upd.index_select(0, grid.cells)  # [n, N]
-    view.index_add_(0, grid.tokens, upd)
+    else:
+        view.add_(_grid_bmm(grid, yk, Bt).index_select(0, grid.dst))
 
 
 def shrink_runs(
@@ -181,9 +205,7 @@ def shrink_runs(
             torch.mm(src[s:e], A[slot].T, out=ys[s:e])
         elif r > 0:
             ys[s:e, :r] = src[s:e] @ A[slot, :r].T
-    if meta.order is None:
-        return ys
-    return torch.empty_like(ys).index_copy_(0, meta.order, ys)
+    return ys if meta.order is None else ys.index_select(0, inverse_order(meta))
 
 
 def expand_runs(
@@ -203,14 +225,13 @@ def expand_runs(
             if r > 0:
                 view[s:e].addmm_(y[s:e, :r], B[slot, :, :r].T)
         return
-    first = meta.runs[0][1]  # sorted order puts slot -1 tokens first, the runs cover the rest
-    ys = y.index_select(0, meta.order[first:])  # [n, R]
-    upd = y.new_zeros(ys.shape[0], N)
+    ys = y.index_select(0, meta.order)  # [T, R] sorted by slot
+    upd = y.new_zeros(meta.num_tokens, N)  # sorted; rows of slot -1 tokens (sorted first) stay zero
     for slot, s, e in meta.runs:
         r = _rank_of(ranks, slot, R)
         if r > 0:
-            torch.mm(ys[s - first:e - first, :r], B[slot, :, :r].T, out=upd[s - first:e - first])
-    view.index_add_(0, meta.order[first:], upd)
+            torch.mm(ys[s:e, :r], B[slot, :, :r].T, out=upd[s:e])
+    view.add_(upd.index_select(0, inverse_order(meta)))
 
 
 def lora_shrink(
@@ -219,7 +240,7 @@ def lora_shrink(
     """y[T, R] = x[t] @ A[slot[t], :r].T per token, zero rows for slot -1; see `reference`."""
     if not meta.runs:
         return x.new_zeros(x.shape[0], A.shape[1])
-    if strategy(meta) == "bmm":
+    if use_bmm(meta, A.shape[2], A.shape[1], x.dtype):
         return shrink_bmm(x, A, meta, ranks)
     return shrink_runs(x, A, meta, ranks)
 
@@ -235,7 +256,7 @@ def lora_expand(
     """out[t, offset:offset+N] += y[t, :r] @ B[slot[t], :, :r].T in place; see `reference`."""
     if not meta.runs:
         return
-    if strategy(meta) == "bmm":
+    if use_bmm(meta, B.shape[1], B.shape[2], y.dtype):
         expand_bmm(y, B, meta, out, offset, ranks)
     else:
         expand_runs(y, B, meta, out, offset, ranks)

@@ -1,20 +1,35 @@
-"""Result records: one JSON line per request, written and flushed as each finishes.
+"""Result records: one JSON line per request, each written whole, at once, as it finishes.
 
 Native requests:  {"id", "adapter", "text", "finish_reason", "usage": {"prompt_tokens",
                    "completion_tokens", "total_tokens"}}  or  {"id", "adapter", "error": {"type", "message"}}
 OpenAI Batch requests get OpenAI's Batch output form: {"id", "custom_id", "response":
 {"status_code", "request_id", "body": chat.completion | text_completion}, "error"}.
+A record that could not be read (bad JSON, a bad field, a duplicate id) is answered with an
+error record of the form its line had, plus "line" (its line or row number): native
+{"id": id or null, "line", "error": {"type": "invalid_request" | "duplicate_id", "message"}},
+OpenAI {"id", "custom_id": id or null, "response": null, "error": {"code", "message"}, "line"}.
+
+`LineFile` appends each record with one `os.write` of the whole line (signals held meanwhile,
+see `signals.critical`), so a kill can cut the file only between lines, or inside the last
+line in progress, which `resume.py` repairs; nothing is buffered in between, and the file is
+fsynced at least every `FSYNC_SECONDS` and when closed. `ResultWriter`
+sends answers to the output and, when an errors file is given, every failure there instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import IO
 
 from .engine.engine import Result
+from .requests import RecordError
+from .signals import critical
+
+INPUT_ERROR_TYPES = frozenset({"invalid_request", "duplicate_id"})
+FSYNC_SECONDS = 1.0  # results reach the disk at least this often (a power cut loses at most that much)
 
 
 def _usage(r: Result) -> dict:
@@ -25,7 +40,8 @@ def _usage(r: Result) -> dict:
 def native_record(r: Result) -> dict:
     if r.error is not None:
         return {"id": r.id, "adapter": r.adapter, "error": {"type": r.error[0], "message": r.error[1]}}
-    return {"id": r.id, "adapter": r.adapter, "text": r.text, "finish_reason": r.finish_reason, "usage": _usage(r)}
+    return {"id": r.id, "adapter": r.adapter, "text": r.text, "finish_reason": r.finish_reason,
+            "usage": _usage(r)}
 
 
 def openai_record(r: Result, model_name: str) -> dict:
@@ -42,7 +58,8 @@ def openai_record(r: Result, model_name: str) -> dict:
                              "finish_reason": r.finish_reason}], "usage": _usage(r)}
     else:
         body = {"id": f"cmpl-{r.id}", "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": r.text, "finish_reason": r.finish_reason}], "usage": _usage(r)}
+                "choices": [{"index": 0, "text": r.text, "finish_reason": r.finish_reason}],
+                "usage": _usage(r)}
     return {"id": rid, "custom_id": r.id, "response": {"status_code": 200, "request_id": rid, "body": body},
             "error": None}
 
@@ -53,25 +70,86 @@ def to_record(r: Result, model_name: str) -> dict:
     return native_record(r)
 
 
-class ResultWriter:
-    """Appends JSON lines to a file (or stdout for `-`), one flushed write per result."""
+def problem_record(e: RecordError) -> dict:
+    """The error record for a line that could not be read or run (see the module doc)."""
+    if e.form == "openai":
+        return {"id": f"batch_req_line{e.line}", "custom_id": e.record_id, "response": None,
+                "error": {"code": e.kind, "message": str(e)}, "line": e.line}
+    return {"id": e.record_id, "line": e.line, "error": {"type": e.kind, "message": str(e)}}
 
-    def __init__(self, path: str, model_name: str, append: bool = False):
-        self.model_name = model_name
+
+def encode_line(record: dict) -> bytes:
+    """One record as one UTF-8 JSON line; text that UTF-8 cannot hold (lone surrogates) is escaped."""
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(record) + "\n").encode("ascii")
+
+
+class LineFile:
+    """Append-only JSONL file (or stdout for `-`): one whole-line write per record."""
+
+    def __init__(self, path: str, truncate: bool = False):
         self.path = path
+        self.lines = 0
+        self.synced = time.monotonic()
         if path == "-":
-            self.f: IO[str] = sys.stdout
+            self.fd = None
         else:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.f = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+            self.fd = os.open(path, flags, 0o644)
 
-    def write(self, r: Result) -> None:
-        self.f.write(json.dumps(to_record(r, self.model_name), ensure_ascii=False) + "\n")
-        self.f.flush()
+    def write(self, record: dict) -> None:
+        data = encode_line(record)
+        with critical():
+            if self.fd is None:
+                sys.stdout.write(data.decode("utf-8"))
+                sys.stdout.flush()
+            else:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view):]
+        self.lines += 1
+        if self.fd is not None and time.monotonic() - self.synced > FSYNC_SECONDS:
+            self._sync()
+
+    def _sync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError:
+            pass
+        self.synced = time.monotonic()
 
     def close(self) -> None:
-        if self.f is not sys.stdout:
-            self.f.close()
+        if self.fd is not None:
+            self._sync()
+            os.close(self.fd)
+            self.fd = None
+
+
+class ResultWriter:
+    """Writes results and input problems; `errors_path` (optional) takes every failure."""
+
+    def __init__(self, path: str, model_name: str, append: bool = False, errors_path: str | None = None):
+        self.model_name = model_name
+        self.path = path
+        self.out = LineFile(path, truncate=not append)
+        self.errors = LineFile(errors_path, truncate=not append) if errors_path else None
+
+    def _target(self, failed: bool) -> LineFile:
+        return self.errors if failed and self.errors is not None else self.out
+
+    def write(self, r: Result) -> None:
+        self._target(r.error is not None).write(to_record(r, self.model_name))
+
+    def write_problem(self, e: RecordError) -> None:
+        self._target(True).write(problem_record(e))
+
+    def close(self) -> None:
+        self.out.close()
+        if self.errors is not None:
+            self.errors.close()
 
     def __enter__(self) -> ResultWriter:
         return self

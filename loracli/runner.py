@@ -1,29 +1,69 @@
-"""`run_file`: what `loracli run` does, as a library call — stream an input file through the
-engine into a results file, with a progress bar on stderr and a summary at the end.
+"""`run_file`: what `loracli run` does, as a library call — stream an input through the engine
+into a results file that never loses work, with progress on stderr and a summary at the end.
+
+Contract:
+- The input is streamed (`input_sources.read_items`); results are written as they finish, one
+  whole line each (`outputs.ResultWriter`); nothing else grows with the input but the id
+  tables of `resume.Ledger`.
+- Every line is accounted for: an answer, an error record (in the output, or in
+  `RunOptions.errors_path`), or a note on stderr (blank lines). Unknown fields are warned about
+  once per field name.
+- Rerunning with the same output resumes (`resume.py`: sidecar check, repair, what is redone);
+  `overwrite` starts over. A foreign or mismatched output is refused before the model loads.
+- `strict`: the whole input is checked first (streaming), every problem printed, and the run
+  refused with `ConfigError` (exit 2) if there is any; nothing is written then.
+- SIGINT / SIGTERM (`signals.StopSignals`): no new request is admitted, those in flight finish
+  and are written, and the summary's `interrupted` holds the signal; a second signal stops at
+  once (`forced`). Either way every finished result is on disk.
+- Requests that give no seed get one derived from the run's seed and their id, so sampled
+  outputs do not depend on batch order, and a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from hashlib import blake2b
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .config import EngineConfig
-from .engine.engine import Engine
+from .engine.engine import Engine, Result
 from .engine.sequence import SamplingParams
+from .errors import ConfigError
+from .input_sources import Blank, check_input, count_records, display_name, read_items
 from .outputs import ResultWriter
-from .requests import read_records
+from .requests import FieldMap, RecordError, Request
+from .resume import Ledger, RunIdentity, Settled, fingerprint, plan_output, repair, write_sidecar
+from .signals import ForcedStop, StopSignals, signal_name
+
+SHOWN_PROBLEMS = 20  # failed records printed on stderr before only counting them (all with --strict)
+ENGINE_ERROR_FIELDS = {"unknown_adapter": "adapter", "adapter_error": "adapter", "prompt_too_long": "prompt",
+                       "max_tokens_too_large": "max_tokens", "too_large_for_cache": "max_tokens",
+                       "bad_request": "prompt"}
+
+
+@dataclass
+class RunOptions:
+    stats_path: str | None = None
+    errors_path: str | None = None
+    overwrite: bool = False
+    strict: bool = False
+    fields: FieldMap = field(default_factory=FieldMap)
+    command: list[str] = field(default_factory=list)
 
 
 @dataclass
 class RunSummary:
-    requests: int = 0
+    requests: int = 0  # records answered or failed by this run
     succeeded: int = 0
-    failed: int = 0
+    failed: int = 0  # of `requests`, including `invalid`
+    invalid: int = 0  # lines that could not be read or were duplicates
     prompt_tokens: int = 0
     completion_tokens: int = 0
     wall_seconds: float = 0.0
@@ -36,51 +76,316 @@ class RunSummary:
     slot_evictions: int = 0
     preemptions: int = 0
     steps: int = 0
+    oom_backoffs: int = 0
     model: str = ""
     dtype: str = ""
     device: str = ""
+    mode: str = ""  # fresh | overwrite | resume | stdout
+    resumed: int = 0  # records an earlier run settled, skipped now
+    failed_before: int = 0  # error records of earlier runs kept in the output (unreadable lines)
+    retried: int = 0  # error records of earlier runs dropped to be run again
+    repaired_lines: int = 0  # torn or foreign lines removed from the output
+    blank_lines: int = 0
+    interrupted: int | None = None  # the signal that stopped the run
+    forced: bool = False  # a second signal: requests in flight were abandoned
+    abandoned: int = 0  # requests read but not finished when the run stopped
+
+    @property
+    def any_failed(self) -> bool:
+        return bool(self.failed or self.failed_before)
 
 
-def count_lines(path: str) -> int | None:
-    """Cheap total for the progress bar: newline count of a plain file under 1 GiB, else None."""
-    p = Path(path)
-    if path == "-" or p.suffix == ".gz" or not p.is_file() or p.stat().st_size > (1 << 30):
-        return None
-    with p.open("rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+def request_seed(run_seed: int, request_id: str) -> int:
+    """A request's sampling seed when it gives none: from the run's seed and its id only."""
+    digest = blake2b(f"{run_seed}\x00{request_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def with_seed(req: Request, run_seed: int) -> Request:
+    if "seed" in req.params:
+        return req
+    return replace(req, params={**req.params, "seed": request_seed(run_seed, req.id)})
+
+
+def run_identity(input_path: str, config: EngineConfig, defaults: SamplingParams,
+                 options: RunOptions) -> RunIdentity:
+    model = config.model or "default"
+    if Path(model).exists():
+        model = str(Path(model).resolve())
+    opts = {"model": model, "max_tokens": defaults.max_tokens, "temperature": defaults.temperature,
+            "top_p": defaults.top_p, "seed": config.seed, "ignore_eos": defaults.ignore_eos,
+            "dtype": config.dtype, "max_model_len": config.max_model_len, "fields": options.fields.as_dict()}
+    errors = str(Path(options.errors_path).resolve()) if options.errors_path else None
+    source = input_path if input_path == "-" else str(Path(input_path).resolve())
+    return RunIdentity(source, fingerprint(input_path), opts, errors, list(options.command))
+
+
+def preflight(engine: Engine, req: Request) -> str | None:
+    """Why `engine.add_request` would refuse `req` (for --strict), or None."""
+    if req.adapter is not None and not engine.store.has(req.adapter):
+        return f"field 'adapter': unknown adapter {req.adapter!r}"
+    try:
+        n = len(engine.tokenize(req))
+    except Exception as e:  # noqa: BLE001 - as add_request: a tokenizer failure is this record's problem
+        return f"cannot tokenize: {type(e).__name__}: {e}"
+    if n >= engine.max_model_len:
+        return f"field 'prompt': {n} tokens; the context is {engine.max_model_len}"
+    max_tokens = req.params.get("max_tokens")
+    if max_tokens is not None and n + max_tokens > engine.max_model_len:
+        return (f"field 'max_tokens': {max_tokens} + prompt {n} tokens exceed the context of "
+                f"{engine.max_model_len}")
+    return None
+
+
+class Notes:
+    """Warnings on stderr, each kind said once or counted (unknown fields, blank lines, bad records)."""
+
+    def __init__(self, console: Console, show_problems: int | None = SHOWN_PROBLEMS):
+        self.console = console
+        self.show_problems = show_problems
+        self.fields_warned: set[str] = set()
+        self.problems = 0
+        self.blanks = 0
+        self.first_blank: Blank | None = None
+
+    def say(self, text: str) -> None:
+        self.console.print(escape(text), highlight=False, soft_wrap=True)
+
+    def unknown_fields(self, req: Request, file: str, fatal: bool = False) -> int:
+        new = [f for f in req.unknown_fields if f not in self.fields_warned]
+        for name in new:
+            self.fields_warned.add(name)
+            what = "unknown field" if fatal else "unknown, ignored (said once per field name)"
+            self.say(f"{file}:{req.line}: field '{name}': {what}")
+        return len(new)
+
+    def blank(self, item: Blank) -> None:
+        self.blanks += 1
+        if self.first_blank is None:
+            self.first_blank = item
+            self.say(f"{item.file}:{item.line}: blank line, skipped (others are counted at the end)")
+
+    def problem(self, message: str) -> None:
+        self.problems += 1
+        if self.show_problems is None or self.problems <= self.show_problems:
+            self.say(message)
+        elif self.problems == self.show_problems + 1:
+            self.say("... more failed records: see their error records")
+
+    def close(self, file: str) -> None:
+        if self.blanks > 1:
+            self.say(f"{file}: {self.blanks} blank lines skipped")
+
+
+def validate(items: Iterable, file: str, engine: Engine, notes: Notes, stop: StopSignals | None = None) -> int:
+    """--strict: check every record (streaming), print each problem; returns how many there were."""
+    ledger = Ledger(file)
+    count = 0
+    for item in items:
+        if stop is not None and stop.requested:
+            break
+        if isinstance(item, Blank):
+            continue
+        checked = ledger.decide(item)
+        if isinstance(checked, RecordError):
+            notes.problem(str(checked))
+            count += 1
+            continue
+        count += notes.unknown_fields(checked, file, fatal=True)
+        reason = preflight(engine, checked)
+        if reason is not None:
+            notes.problem(f"{file}:{checked.line}: {reason}")
+            count += 1
+    return count
+
+
+def _prepare_output(mode: str, output: str, options: RunOptions, identity: RunIdentity,
+                    notes: Notes) -> Settled:
+    settled = Settled()
+    files = [p for p in (output, options.errors_path) if p is not None and p != "-"]
+    for path in files:
+        if mode == "resume":
+            repair(path, settled, notes.say)
+        elif Path(path).exists():
+            Path(path).write_bytes(b"")
+    if mode != "stdout":
+        write_sidecar(output, identity)
+    return settled
+
+
+def _resume_note(output: str, settled: Settled) -> str:
+    parts = [f"resuming {output}: {settled.answers} answers kept"]
+    if settled.input_errors:
+        parts.append(f"{settled.input_errors} unreadable records kept")
+    if settled.retried:
+        parts.append(f"{settled.retried} failed records to run again")
+    if settled.torn:
+        parts.append("a torn last line cut")
+    return ", ".join(parts)
 
 
 def run_file(input_path: str, output_path: str, config: EngineConfig, defaults: SamplingParams,
-             stats_path: str | None = None, console: Console | None = None) -> RunSummary:
+             stats_path: str | None = None, console: Console | None = None, options: RunOptions | None = None,
+             engine: Engine | None = None) -> RunSummary:
+    """Run every record of `input_path` into `output_path` (see the module doc). `engine`: reuse one."""
     console = console or Console(stderr=True)
-    if input_path != "-" and not Path(input_path).is_file():
-        from .errors import ConfigError
+    options = options or RunOptions()
+    if stats_path is not None:
+        options = replace(options, stats_path=stats_path)
+    config = engine.config if engine is not None else config
+    check_input(input_path)
+    identity = run_identity(input_path, config, defaults, options)
+    mode = plan_output(output_path, input_path, options.errors_path, identity, options.overwrite)
+    summary = RunSummary(mode=mode)
+    with StopSignals() as stop:
+        try:
+            _run(input_path, output_path, config, defaults, options, console, engine, identity, summary, stop)
+        except ForcedStop:
+            summary.forced = True
+        summary.interrupted = stop.requested
+    if options.stats_path:
+        Path(options.stats_path).write_text(json.dumps(asdict(summary), indent=2) + "\n", encoding="utf-8")
+    if summary.requests + summary.resumed == 0 and summary.interrupted is None:
+        raise ConfigError(f"{display_name(input_path)} has no records (only blank lines)")
+    return summary
 
-        raise ConfigError(f"input file not found: {input_path}")
+
+def _run(input_path: str, output_path: str, config: EngineConfig, defaults: SamplingParams,
+         options: RunOptions, console: Console, engine: Engine | None, identity: RunIdentity,
+         summary: RunSummary, stop: StopSignals) -> None:
     t0 = time.perf_counter()
-    engine = Engine(config, progress=True)
-    load_s = time.perf_counter() - t0
-    summary = RunSummary(load_seconds=load_s, model=engine.model_name, dtype=str(engine.dtype).replace("torch.", ""),
-                         device=str(engine.device))
-    records = read_records(input_path, engine.base_names)
-    total = count_lines(input_path)
-    progress = Progress(TextColumn("[bold]loracli run"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[tps]:>7.1f} tok/s  adapters {task.fields[res]}"),
-                        TimeElapsedColumn(), console=console, disable=not console.is_terminal)
-    t1 = time.perf_counter()
-    with ResultWriter(output_path, engine.model_name) as writer, progress:
+    engine = engine or Engine(config, progress=True)
+    summary.load_seconds = time.perf_counter() - t0
+    summary.model, summary.device = engine.model_name, str(engine.device)
+    summary.dtype = str(engine.dtype).replace("torch.", "")
+    file = display_name(input_path)
+    if options.strict:
+        problems = validate(read_items(input_path, engine.base_names, options.fields), file, engine,
+                            Notes(console, show_problems=None), stop)
+        if problems and not stop.requested:
+            raise ConfigError(f"{problems} problem(s) in {file}; nothing was run (--strict)")
+    if stop.requested:
+        return
+    notes = Notes(console)
+    settled = _prepare_output(summary.mode, output_path, options, identity, notes)
+    if summary.mode == "resume":
+        notes.say(_resume_note(output_path, settled))
+    summary.failed_before = settled.input_errors
+    summary.retried = settled.retried
+    summary.repaired_lines = settled.torn + settled.foreign
+    run = _Run(engine, Ledger(file, settled), notes, summary, file, stop)
+    total = count_records(input_path) if console.is_terminal else None
+    items = read_items(input_path, engine.base_names, options.fields)
+    writer = ResultWriter(output_path, engine.model_name, append=True, errors_path=options.errors_path)
+    try:
+        with writer:
+            run.stream(items, writer, defaults, console, total)
+    finally:
+        notes.close(file)
+        _finish_summary(engine, summary)
+
+
+class _Run:
+    """The streaming loop of one run: input items -> ledger -> engine -> writer."""
+
+    def __init__(self, engine: Engine, ledger: Ledger, notes: Notes, summary: RunSummary, file: str,
+                 stop: StopSignals):
+        self.engine = engine
+        self.ledger = ledger
+        self.notes = notes
+        self.summary = summary
+        self.file = file
+        self.stop = stop
+        self.submitted = 0
+        self.advance: Callable[[], None] = lambda: None
+
+    def stream(self, items: Iterator, writer: ResultWriter, defaults: SamplingParams, console: Console,
+               total: int | None) -> None:
+        summary, engine = self.summary, self.engine
+        progress = Progress(TextColumn("[bold]loracli run"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[tps]:>7.1f} tok/s  adapters {task.fields[res]}"),
+                            TimeElapsedColumn(), console=console, disable=not console.is_terminal)
+        t1 = time.perf_counter()
         task = progress.add_task("run", total=total, tps=0.0, res="")
-        for result in engine.generate(records, defaults):
-            writer.write(result)
-            summary.requests += 1
-            summary.failed += result.error is not None
-            summary.completion_tokens += result.completion_tokens
+
+        def advance() -> None:
             elapsed = time.perf_counter() - t1
             progress.update(task, advance=1, tps=summary.completion_tokens / max(elapsed, 1e-9),
                             res=f"{len(engine.slots.resident())}/{engine.slots.n_slots}")
+
+        self.advance = advance
+        try:
+            with progress:
+                for result in engine.generate(self.admitted(items, writer), defaults):
+                    result = locate(result, self.file)
+                    if result.error is not None:
+                        self.notes.problem(result.error[1])
+                    writer.write(result)
+                    _count(summary, result.error is not None)
+                    summary.completion_tokens += result.completion_tokens
+                    advance()
+                    if self.stop.requested:
+                        _stop_admitting(engine)
+        finally:
+            summary.abandoned = self.submitted - (summary.requests - summary.invalid)
+            summary.wall_seconds = time.perf_counter() - t1
+
+    def admitted(self, items: Iterator, writer: ResultWriter) -> Iterator[Request]:
+        """The requests to run, in input order; writes problems and skips settled records on the way."""
+        summary, notes = self.summary, self.notes
+        for item in items:
+            if self.stop.requested:
+                _stop_admitting(self.engine)
+                return
+            if isinstance(item, Blank):
+                summary.blank_lines += 1
+                notes.blank(item)
+                self.advance()
+                continue
+            decision = self.ledger.decide(item)
+            if decision is None:
+                summary.resumed += 1
+            elif isinstance(decision, RecordError):
+                writer.write_problem(decision)
+                _count(summary, failed=True)
+                summary.invalid += 1
+                notes.problem(str(decision))
+            else:
+                notes.unknown_fields(decision, self.file)
+                self.submitted += 1
+                yield with_seed(decision, self.engine.config.seed)
+                continue
+            self.advance()
+
+
+def locate(result: Result, file: str) -> Result:
+    """An engine failure's message, prefixed with its file, line and field, like a bad record's."""
+    req = result.request
+    if result.error is None or req is None:
+        return result
+    kind, message = result.error
+    fld = ENGINE_ERROR_FIELDS.get(kind)
+    if fld == "prompt" and req.messages is not None:
+        fld = "messages"
+    if fld is not None and req.form == "openai":
+        fld = "body.model" if fld == "adapter" else f"body.{fld}"
+    where = f"{file}:{req.line}" + (f": field '{fld}'" if fld else "")
+    return replace(result, error=(kind, f"{where}: {message}"))
+
+
+def _stop_admitting(engine: Engine) -> None:
+    """Drop the requests still waiting in the engine (not started): a resumed run does them."""
+    engine.scheduler.waiting.clear()
+
+
+def _count(summary: RunSummary, failed: bool) -> None:
+    summary.requests += 1
+    summary.failed += failed
+    summary.succeeded += not failed
+
+
+def _finish_summary(engine: Engine, summary: RunSummary) -> None:
     st = engine.stats
-    summary.wall_seconds = time.perf_counter() - t1
-    summary.succeeded = summary.requests - summary.failed
     summary.prompt_tokens = st.prompt_tokens
     summary.tokens_per_second = summary.completion_tokens / max(summary.wall_seconds, 1e-9)
     summary.per_adapter = dict(sorted(st.per_adapter.items()))
@@ -90,6 +395,29 @@ def run_file(input_path: str, output_path: str, config: EngineConfig, defaults: 
     summary.slot_evictions = engine.slots.stats.evictions
     summary.preemptions = engine.scheduler.preemptions
     summary.steps = st.steps
-    if stats_path:
-        Path(stats_path).write_text(json.dumps(asdict(summary), indent=2) + "\n", encoding="utf-8")
-    return summary
+    summary.oom_backoffs = st.oom_backoffs
+
+
+def summary_line(summary: RunSummary, output: str) -> str:
+    """The one-line report `loracli run` prints at the end."""
+    text = (f"{summary.succeeded}/{summary.requests} requests ok, {summary.completion_tokens} tokens in "
+            f"{summary.wall_seconds:.1f}s ({summary.tokens_per_second:.1f} tok/s)")
+    if summary.failed:
+        text += f", {summary.failed} failed"
+    if summary.resumed:
+        text += f"; {summary.resumed} done by earlier runs"
+    if summary.failed_before:
+        text += f" ({summary.failed_before} of them unreadable records)"
+    return text + ("" if output == "-" else f" -> {output}")
+
+
+def stop_message(summary: RunSummary, output: str, command: str) -> str:
+    """What an interrupted run prints: what was kept, and the command that finishes it."""
+    how = "stopped at once" if summary.forced else "stopped after finishing the requests in flight"
+    text = f"{signal_name(summary.interrupted or 2)}: {how}; {summary.requests} results written this run"
+    if summary.abandoned:
+        text += f", {summary.abandoned} requests left to do again"
+    if output == "-":
+        return text + "\nresults went to stdout: to be able to resume, write them to a file with -o"
+    return (text + f"\nevery finished result is in {output}; to finish the run, rerun the same command:"
+            f"\n  {command}")

@@ -1,0 +1,168 @@
+"""Where requests come from, streamed: never the whole input in memory.
+
+- JSONL (any name not listed below; `.gz` is gunzipped; `-` is stdin): read line by line in
+  binary, so bad bytes are a record's problem, not the reader's. A line longer than
+  `MAX_LINE_BYTES` is skipped in chunks and reported, never held whole.
+- Tables (`.parquet`, `.csv`, `.tsv`, `.arrow`): read row by row through `datasets` in
+  streaming mode (nothing cached or copied); a row's "line" is its 1-based row number.
+
+`read_items` yields, for every line or row, exactly one item: a `Request`, a `RecordError`, or a
+`Blank` (a JSONL line holding only whitespace). `check_input` refuses a missing, unreadable or
+empty input before any model is loaded; `count_records` is the cheap total for progress bars.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import sys
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from .errors import ConfigError
+from .requests import FieldMap, RecordError, Request, parse_object, parse_record
+
+MAX_LINE_BYTES = 32 << 20
+TABLE_KINDS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
+COUNT_LIMIT = 1 << 30  # plain JSONL files larger than this get no total (counting would cost a read)
+
+
+@dataclass(frozen=True)
+class Blank:
+    file: str
+    line: int
+
+
+Item = Request | RecordError | Blank
+
+
+def display_name(path: str) -> str:
+    return "<stdin>" if path == "-" else path
+
+
+def input_kind(path: str) -> str:
+    """'jsonl' or the `datasets` builder name for a table file."""
+    return TABLE_KINDS.get(Path(path).suffix.lower(), "jsonl") if path != "-" else "jsonl"
+
+
+def check_input(path: str) -> None:
+    """Raise `ConfigError` for an input that cannot be a batch: missing, a folder, or an empty file.
+
+    Pipes (`<(zcat prompts.jsonl.gz)`) are accepted like stdin.
+    """
+    if path == "-":
+        return
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"input file not found: {path}")
+    if p.is_dir():
+        raise ConfigError(f"input is a folder, not a file: {path}")
+    if p.is_file() and p.stat().st_size == 0:
+        raise ConfigError(f"input file is empty: {path} (nothing to run)")
+
+
+def _open_binary(path: str) -> IO[bytes]:
+    if path == "-":
+        return sys.stdin.buffer
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")  # noqa: SIM115 - closed by the caller
+
+
+def iter_lines(f: IO[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) per line, without the newline; None for a line longer than `limit`."""
+    number = 0
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = f.readline(1 << 20)
+            yield number, None
+            continue
+        yield number, raw.rstrip(b"\r\n")
+
+
+def _jsonl_items(path: str, base_names: frozenset[str], fields: FieldMap | None) -> Iterator[Item]:
+    name = display_name(path)
+    f = _open_binary(path)
+    try:
+        for number, raw in iter_lines(f):
+            if raw is None:
+                yield RecordError(name, number, None, f"line longer than {MAX_LINE_BYTES >> 20} MiB, skipped")
+            elif not raw.strip():
+                yield Blank(name, number)
+            else:
+                try:
+                    yield parse_record(raw, number, name, base_names, fields)
+                except RecordError as e:
+                    yield e
+    except (OSError, EOFError, zlib.error) as e:
+        raise ConfigError(f"cannot read {name}: {e}") from None
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+def _clean(row: dict) -> dict:
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
+def _table_items(path: str, kind: str, base_names: frozenset[str], fields: FieldMap | None) -> Iterator[Item]:
+    from datasets import load_dataset
+
+    try:
+        rows = iter(load_dataset(kind, data_files=path, split="train", streaming=True))
+    except Exception as e:  # noqa: BLE001 - any reader failure is one line about the file
+        raise ConfigError(f"cannot read {path} as {kind}: {type(e).__name__}: {e}") from None
+    number = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - as above, past the rows already read
+            raise ConfigError(f"cannot read {path} as {kind} after row {number}: "
+                              f"{type(e).__name__}: {e}") from None
+        number += 1
+        try:
+            yield parse_object(_clean(row), number, path, base_names, fields)
+        except RecordError as e:
+            yield e
+
+
+def read_items(path: str, base_names: frozenset[str] = frozenset(),
+               fields: FieldMap | None = None) -> Iterator[Item]:
+    """Stream the input: one `Request`, `RecordError` or `Blank` per line (or row)."""
+    kind = input_kind(path)
+    if kind == "jsonl":
+        return _jsonl_items(path, base_names, fields)
+    return _table_items(path, kind, base_names, fields)
+
+
+def count_records(path: str) -> int | None:
+    """Lines (or rows) in the input when cheap to know: plain JSONL under 1 GiB, parquet; else None."""
+    kind = input_kind(path)
+    p = Path(path)
+    if path == "-" or not p.is_file():
+        return None
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(p).metadata.num_rows
+        except Exception:  # noqa: BLE001 - no total, the run reports the problem
+            return None
+    if kind != "jsonl" or path.endswith(".gz") or p.stat().st_size > COUNT_LIMIT:
+        return None
+    newlines, last = 0, b"\n"
+    with p.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            newlines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return newlines + (last != b"\n")

@@ -1,0 +1,282 @@
+"""Resuming a run: may an existing output be reused, what does it already settle, what is left.
+
+The sidecar `<output>.loracli.json` records what produced an output: the input (path and a
+fingerprint: size + SHA-256 of its first and last MiB), the options that change results
+(model, max_tokens, temperature, top_p, seed, ignore_eos, dtype, max_model_len, the field
+mapping) and the errors file. `plan_output` decides, before any model is loaded:
+- no output yet (or an empty one): a fresh run;
+- `--overwrite`: start over (output and errors file truncated);
+- an output whose sidecar matches: resume; one whose sidecar differs, or a non-empty output
+  without a sidecar (not ours): refused with `ConfigError`, naming what differs.
+An output that is the input itself, or the errors file, is always refused.
+
+`repair` reads an output (and the errors file) once, in order, and keeps:
+- answers: their ids are settled and skipped by the rerun;
+- error records of lines that could not be read (invalid_request, duplicate_id): the
+  unchanged input would fail the same way, so they are settled too (keyed by line);
+and drops, so the rerun does them again:
+- every other error record (unknown or broken adapter, prompt too long, non-finite logits,
+  out of memory...): the cause may be fixed since, or transient;
+- a torn last line (a kill mid-write: no final newline) is truncated away; a line that is
+  not a record of ours, or a second answer for a settled id, is dropped with a warning.
+The file is rewritten (temporary file + rename) only when a complete line is dropped.
+
+`Ledger.decide` then walks the input in order: skip what is settled, report duplicates, run
+the rest. Its tables (`IdTable`) are the run's only structures that grow with the input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .idtable import IdTable
+from .outputs import INPUT_ERROR_TYPES
+from .requests import RecordError, Request
+
+SIDECAR_SUFFIX = ".loracli.json"
+SIDECAR_VERSION = 1
+FINGERPRINT_BYTES = 1 << 20
+DONE, SEEN = 1, 2  # IdTable flags: answered by an earlier run; met earlier in this input
+
+ANSWER, INPUT_ERROR, RETRY, FOREIGN = "answer", "input_error", "retry", "foreign"
+
+
+def sidecar_path(output: str) -> Path:
+    return Path(output + SIDECAR_SUFFIX)
+
+
+def fingerprint(path: str) -> dict | None:
+    """Size and SHA-256 of the first and last MiB of a file; None for stdin or a pipe (never read)."""
+    p = Path(path)
+    if path == "-" or not p.is_file():
+        return None
+    size = p.stat().st_size
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        h.update(f.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            h.update(f.read(FINGERPRINT_BYTES))
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+@dataclass
+class RunIdentity:
+    """What an output's results depend on; equal identities may share one output."""
+
+    input: str
+    fingerprint: dict | None
+    options: dict[str, Any]
+    errors: str | None = None
+    command: list[str] = field(default_factory=list)
+
+    def differences(self, now: RunIdentity) -> list[str]:
+        """Human-readable differences between this (earlier) identity and `now`."""
+        out = []
+        both = self.fingerprint is not None and now.fingerprint is not None
+        if both and self.fingerprint != now.fingerprint:
+            out.append(f"the input differs ({self.input}, {self.fingerprint['size']} bytes, then; "
+                       f"{now.input}, {now.fingerprint['size']} bytes, now)")
+        elif (self.fingerprint is None) != (now.fingerprint is None):
+            out.append(f"the input was {self.input} then, {now.input} now")
+        for key in sorted(set(self.options) | set(now.options)):
+            then, cur = self.options.get(key), now.options.get(key)
+            if then != cur:
+                out.append(f"{key} was {json.dumps(then)} then, {json.dumps(cur)} now")
+        if self.errors != now.errors:
+            out.append(f"--errors was {self.errors or 'not given'} then, {now.errors or 'not given'} now")
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({"version": SIDECAR_VERSION, **asdict(self)}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> RunIdentity:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("version") != SIDECAR_VERSION:
+            raise ValueError("unknown sidecar version")
+        return cls(str(data["input"]), data.get("fingerprint"), dict(data["options"]), data.get("errors"),
+                   list(data.get("command") or []))
+
+
+def _nonempty(path: str | None) -> bool:
+    return path is not None and Path(path).is_file() and Path(path).stat().st_size > 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def plan_output(output: str, input_path: str, errors: str | None, identity: RunIdentity,
+                overwrite: bool) -> str:
+    """'stdout', 'fresh', 'overwrite' or 'resume'; raises `ConfigError` when the output may not be used."""
+    if output == "-":
+        return "stdout"
+    for path, what in ((output, "-o"), (errors, "--errors")):
+        if path is not None and input_path != "-" and _same_file(path, input_path):
+            raise ConfigError(f"{what} {path} is the input file itself")
+        if path is not None and Path(path).is_dir():
+            raise ConfigError(f"{what} {path} is a folder, not a file")
+    if errors is not None and (errors == output or _same_file(errors, output)):
+        raise ConfigError("--errors must name another file than -o")
+    if overwrite:
+        return "overwrite"
+    if not _nonempty(output) and not _nonempty(errors):
+        return "fresh"
+    sidecar = sidecar_path(output)
+    advice = "--overwrite to start over, or another -o"
+    if not sidecar.is_file():
+        raise ConfigError(f"{output} already exists and has no {sidecar.name} saying which run wrote it; "
+                          f"{advice}")
+    try:
+        then = RunIdentity.from_json(sidecar.read_text(encoding="utf-8"))
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ConfigError(f"{sidecar} is unreadable ({e}); {advice}") from None
+    diffs = then.differences(identity)
+    if diffs:
+        raise ConfigError(f"{output} holds results of another run: " + "; ".join(diffs)
+                          + f". Resume with the same input and options, or {advice}")
+    return "resume"
+
+
+def write_sidecar(output: str, identity: RunIdentity) -> None:
+    path = sidecar_path(output)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(identity.to_json(), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def classify(raw: bytes) -> tuple[str, str | int | None]:
+    """One complete output line -> (ANSWER, id) | (INPUT_ERROR, line) | (RETRY, None) | (FOREIGN, None)."""
+    try:
+        rec = json.loads(raw)
+    except (ValueError, RecursionError):
+        return FOREIGN, None
+    if not isinstance(rec, dict):
+        return FOREIGN, None
+    key = rec.get("custom_id") if "custom_id" in rec else rec.get("id")
+    err = rec.get("error")
+    if err is None:
+        return (ANSWER, key) if isinstance(key, str) and key else (FOREIGN, None)
+    if not isinstance(err, dict):
+        return FOREIGN, None
+    kind, line = err.get("type", err.get("code")), rec.get("line")
+    if kind in INPUT_ERROR_TYPES and isinstance(line, int) and not isinstance(line, bool):
+        return INPUT_ERROR, line
+    return RETRY, None
+
+
+@dataclass
+class Settled:
+    """What earlier runs settled, and what `repair` did to get there."""
+
+    ids: IdTable = field(default_factory=lambda: IdTable(b"id"))
+    lines: IdTable = field(default_factory=lambda: IdTable(b"line"))
+    answers: int = 0
+    input_errors: int = 0
+    retried: int = 0
+    foreign: int = 0
+    torn: int = 0
+
+
+def _keep(raw: bytes, settled: Settled, warn: Callable[[str], None], where: str) -> bool:
+    kind, key = classify(raw)
+    if kind == ANSWER:
+        if settled.ids.mark(str(key), DONE) & DONE:
+            warn(f"{where}: a second answer for id {key!r}, dropped")
+            settled.foreign += 1
+            return False
+        settled.answers += 1
+        return True
+    if kind == INPUT_ERROR:
+        if settled.lines.mark(str(key), DONE) & DONE:
+            settled.foreign += 1
+            return False
+        settled.input_errors += 1
+        return True
+    if kind == RETRY:
+        settled.retried += 1
+    else:
+        settled.foreign += 1
+        warn(f"{where}: not a loracli result record, dropped")
+    return False
+
+
+def repair(path: str, settled: Settled, warn: Callable[[str], None]) -> None:
+    """Scan one output file in place: keep settled records, drop the rest (see the module doc)."""
+    p = Path(path)
+    if not p.is_file():
+        return
+    tmp_path = p.with_name(p.name + ".resume.tmp")
+    tmp = None
+    offset = 0
+    try:
+        with p.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.endswith(b"\n"):
+                    settled.torn += 1
+                    break
+                keep = _keep(raw, settled, warn, f"{path}:{number}")
+                if not keep and tmp is None:
+                    tmp = tmp_path.open("wb")
+                    _copy_prefix(p, offset, tmp)
+                elif keep and tmp is not None:
+                    tmp.write(raw)
+                offset += len(raw)
+        if tmp is not None:
+            tmp.flush()
+            os.fsync(tmp.fileno())
+            tmp.close()
+            os.replace(tmp_path, p)
+            tmp = None
+        elif settled.torn:
+            os.truncate(p, offset)
+    finally:
+        if tmp is not None:
+            tmp.close()
+            tmp_path.unlink(missing_ok=True)
+
+
+def _copy_prefix(src: Path, length: int, dst) -> None:
+    with src.open("rb") as f:
+        while length > 0:
+            chunk = f.read(min(length, 1 << 20))
+            if not chunk:
+                return
+            dst.write(chunk)
+            length -= len(chunk)
+
+
+class Ledger:
+    """Walks the input in order and says, per record: run it, report it, or skip it."""
+
+    def __init__(self, file: str, settled: Settled | None = None):
+        settled = settled or Settled()
+        self.file = file
+        self.ids = settled.ids
+        self.lines = settled.lines
+
+    def decide(self, item: Request | RecordError) -> Request | RecordError | None:
+        """The request to run, the problem to write, or None when an earlier run settled it."""
+        if isinstance(item, RecordError):
+            if item.record_id is not None:
+                self.ids.mark(item.record_id, SEEN)
+            return None if str(item.line) in self.lines else item
+        before = self.ids.mark(item.id, SEEN)
+        if before & SEEN:
+            if str(item.line) in self.lines:
+                return None
+            return RecordError(self.file, item.line, "custom_id" if item.form == "openai" else "id",
+                               f"duplicate id {item.id!r}: an earlier line has the same id; skipped",
+                               record_id=item.id, form=item.form, kind="duplicate_id")
+        return None if before & DONE else item

@@ -1,0 +1,380 @@
+"""Multi-LoRA ops against the float32 reference (`loracli.kernels.reference`).
+
+Every backend (torch strategies, Triton SGMV/BGMV forms, the dispatcher) is compared with the
+reference on random inputs. On a machine without CUDA the Triton kernels run in Triton's
+interpreter: Triton 3.9 decides interpreted vs compiled when `@triton.jit` decorates a function,
+and `import triton` already decorates triton.language's helpers (tl.zeros, ...), so the
+`triton_ops` fixture sets TRITON_INTERPRET=1 before triton is first imported in this process
+(the dispatcher does the same for a forced triton backend).
+The full dtype x rank x tokens x spread sweep is marked slow; the rest is a representative subset.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from loracli.kernels import build_meta, lora_expand, lora_shrink, reference, torch_ops
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOL = {  # (atol, rtol) for values of order 1; bf16/fp16 outputs may be rounded twice
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (3e-3, 3e-3),
+}
+SPREADS = ("one", "even", "distinct", "zipf", "free", "shuffled")
+K_IN, N_OUT, OFFSET, EXTRA_COLS = 200, 96, 5, 9  # K > the interpreter's BLOCK_K, N > its BLOCK_N
+
+
+def spread_slots(spread: str, T: int, rng: random.Random) -> tuple[list[int], int]:
+    """(token slots, slot count S) for a named spread of T tokens over adapters."""
+    if spread == "one":
+        return [2] * T, 3
+    if spread == "distinct":
+        return list(range(T)), T
+    if spread == "even":  # sorted by slot in equal counts: the usual decode batch (no gather on CPU)
+        return [t * 8 // T for t in range(T)], 8
+    weights = [1 / (k + 1) for k in range(8)]
+    if spread == "zipf":  # sorted by slot, as the model runner batches: contiguous runs
+        return sorted(rng.choices(range(8), weights, k=T)), 8
+    if spread == "free":  # a quarter of the tokens without LoRA, slots interleaved
+        return [s if rng.random() < 0.75 else -1 for s in rng.choices(range(8), weights, k=T)], 8
+    return [rng.randrange(8) for _ in range(T)], 8  # shuffled: non-contiguous, needs `order`
+
+
+@torch.no_grad()
+def make_case(dtype: torch.dtype, R: int, slots: list[int], S: int, seed: int = 0) -> dict:
+    """Random x, A, B, y, out of order-1 values; y has garbage past every rank on purpose."""
+    gen = torch.Generator().manual_seed(seed)
+    T = len(slots)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    return {
+        "meta": build_meta(slots),
+        "x": rand(T, K_IN),
+        "A": rand(S, R, K_IN, scale=K_IN**-0.5),
+        "B": rand(S, N_OUT, R, scale=R**-0.5),
+        "y": rand(T, R),
+        "out": rand(T, OFFSET + N_OUT + EXTRA_COLS),
+    }
+
+
+Shrink = Callable[..., torch.Tensor]
+Expand = Callable[..., None]
+
+
+def check_shrink(shrink: Shrink, case: dict, ranks=None) -> None:
+    x, A, meta = case["x"], case["A"], case["meta"]
+    y = shrink(x, A, meta, ranks)
+    expect = reference.lora_shrink(x.float(), A.float(), meta, ranks)
+    assert y.shape == expect.shape and y.dtype == x.dtype
+    atol, rtol = TOL[x.dtype]
+    torch.testing.assert_close(y.float(), expect, atol=atol, rtol=rtol)
+    free = meta.token_slot < 0
+    assert not y[free].any(), "slot -1 rows must be zero"
+
+
+def check_expand(expand: Expand, case: dict, ranks=None, y: torch.Tensor | None = None) -> None:
+    y = case["y"] if y is None else y
+    B, meta, before = case["B"], case["meta"], case["out"]
+    out = before.clone()
+    expand(y, B, meta, out, OFFSET, ranks)
+    expect = before.float()
+    reference.lora_expand(y.float(), B.float(), meta, expect, OFFSET, ranks)
+    atol, rtol = TOL[out.dtype]
+    torch.testing.assert_close(out.float(), expect, atol=atol, rtol=rtol)
+    untouched = torch.ones_like(out, dtype=torch.bool)
+    untouched[meta.token_slot >= 0, OFFSET:OFFSET + N_OUT] = False
+    assert torch.equal(out[untouched], before[untouched]), "slot -1 rows and columns outside the window"
+
+
+# ---- backends ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def triton_ops():
+    """`loracli.kernels.triton_ops`, in the interpreter unless CUDA is available."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede `import triton` (see module doc)
+    pytest.importorskip("triton")
+    from loracli.kernels import triton_ops
+
+    if not triton_ops.INTERPRET and not torch.cuda.is_available():
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 could be set")
+    return triton_ops
+
+
+def _on(device: str, case: dict) -> dict:
+    moved = {k: v.to(device) for k, v in case.items() if isinstance(v, torch.Tensor)}
+    slots = case["meta"].token_slot.tolist()
+    return {**moved, "meta": build_meta(slots, device)}
+
+
+def backend_ops(name: str, tops) -> tuple[Shrink, Expand]:
+    """(shrink, expand) of a named backend; Triton ones take and give CPU tensors in the interpreter."""
+    if name == "torch":
+        return torch_ops.lora_shrink, torch_ops.lora_expand
+    if name == "torch-runs":
+        return torch_ops.shrink_runs, torch_ops.expand_runs
+    if name == "torch-bmm":
+        return torch_ops.shrink_bmm, torch_ops.expand_bmm
+    if name == "triton-sgmv":
+        return tops.sgmv_shrink, tops.sgmv_expand
+    return tops.bgmv_shrink, tops.bgmv_expand
+
+
+TORCH_BACKENDS = ("torch", "torch-runs", "torch-bmm")
+TRITON_BACKENDS = ("triton-sgmv", "triton-bgmv")
+
+
+def for_backend(name: str, request, case: dict) -> tuple[object, dict]:
+    """(triton_ops or None, case): Triton backends get the fixture, and CUDA tensors unless interpreting."""
+    if not name.startswith("triton"):
+        return None, case
+    tops = request.getfixturevalue("triton_ops")
+    return tops, case if tops.INTERPRET else _on("cuda", case)
+
+
+def run_both(name: str, request, case: dict, ranks=None, y=None) -> None:
+    """Check the shrink and the expand of backend `name` on `case`."""
+    tops, case = for_backend(name, request, case)
+    if y is not None:
+        y = y.to(case["x"].device)
+    shrink, expand = backend_ops(name, tops)
+    check_shrink(shrink, case, ranks)
+    check_expand(expand, case, ranks, y)
+
+
+# ---- the sweep ---------------------------------------------------------------------------------
+
+FAST_CASES = [  # (dtype, R, T, spread): every spread, dtype and rank at least once
+    ("fp32", 16, 128, "shuffled"),
+    ("bf16", 8, 7, "free"),
+    ("fp16", 64, 128, "zipf"),
+    ("bf16", 1, 1, "one"),
+    ("fp32", 8, 7, "distinct"),
+    ("bf16", 16, 128, "zipf"),
+    ("bf16", 16, 64, "even"),
+]
+FULL_CASES = [
+    (d, R, T, s) for d in DTYPES for R in (1, 8, 16, 64) for T in (1, 7, 128, 1000) for s in SPREADS
+]
+
+
+def _sweep_case(dname: str, R: int, T: int, spread: str) -> dict:
+    slots, S = spread_slots(spread, T, random.Random(T * 31 + R))
+    return make_case(DTYPES[dname], R, slots, S, seed=R + T)
+
+
+@pytest.mark.parametrize("backend", TORCH_BACKENDS + TRITON_BACKENDS)
+@pytest.mark.parametrize("dname,R,T,spread", FAST_CASES)
+def test_matches_reference(backend, dname, R, T, spread, request):
+    run_both(backend, request, _sweep_case(dname, R, T, spread))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", TORCH_BACKENDS + TRITON_BACKENDS)
+@pytest.mark.parametrize("dname,R,T,spread", [c for c in FULL_CASES if c not in FAST_CASES])
+def test_matches_reference_sweep(backend, dname, R, T, spread, request):
+    run_both(backend, request, _sweep_case(dname, R, T, spread))
+
+
+# ---- ranks, offsets, strides -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", TORCH_BACKENDS + TRITON_BACKENDS)
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
+@pytest.mark.parametrize("spread", ["zipf", "free"])
+def test_heterogeneous_ranks(backend, dname, spread, request):
+    """Each slot uses only its first ranks[s] rank columns (0 = the adapter skips this module)."""
+    slots, S = spread_slots(spread, 96, random.Random(5))
+    case = make_case(DTYPES[dname], 16, slots, S, seed=3)
+    ranks = [16, 0, 3, 8, 1, 16, 5, 12]
+    run_both(backend, request, case, ranks)
+
+
+@pytest.mark.parametrize("backend", TORCH_BACKENDS + TRITON_BACKENDS)
+def test_rank_wider_than_one_tile(backend, request):
+    """R = 80 spans two of Triton's rank tiles (64); heterogeneous ranks land in both."""
+    slots, S = spread_slots("shuffled", 40, random.Random(9))
+    case = make_case(torch.float32, 80, slots, S, seed=4)
+    run_both(backend, request, case, [80, 64, 65, 17, 0, 79, 1, 40])
+
+
+@pytest.mark.parametrize("backend", TORCH_BACKENDS + TRITON_BACKENDS)
+@pytest.mark.parametrize("spread", ["even", "zipf", "shuffled"])
+def test_expand_reads_a_strided_y(backend, spread, request):
+    """y may be a column slice of a wider shrink result (stacked q/k/v A's): only strides differ."""
+    slots, S = spread_slots(spread, 64, random.Random(2))
+    case = make_case(torch.float32, 8, slots, S, seed=5)
+    wide = torch.randn(64, 24)
+    run_both(backend, request, case, [8, 2, 0, 8, 5, 8, 8, 3], y=wide[:, 8:16])
+
+
+def test_offset_zero_and_flush_right():
+    """The output window may start at column 0 or end at the last column of out."""
+    case = make_case(torch.float32, 8, [0, 1, 1, 0, -1], 2)
+    for offset in (0, case["out"].shape[1] - N_OUT):
+        out = case["out"].clone()
+        expect = out.clone()
+        lora_expand(case["y"], case["B"], case["meta"], out, offset)
+        reference.lora_expand(case["y"], case["B"], case["meta"], expect, offset)
+        torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    slots=st.lists(st.integers(-1, 5), min_size=0, max_size=40),
+    ranks=st.lists(st.integers(0, 8), min_size=6, max_size=6),
+)
+def test_torch_path_property(slots, ranks):
+    """Any slot layout and ranks: the CPU path (both strategies) equals the reference."""
+    case = make_case(torch.float32, 8, slots, 6, seed=len(slots))
+    for shrink, expand in (
+        (torch_ops.lora_shrink, torch_ops.lora_expand),
+        (torch_ops.shrink_runs, torch_ops.expand_runs),
+        (torch_ops.shrink_bmm, torch_ops.expand_bmm),
+    ):
+        if not case["meta"].runs and shrink is not torch_ops.lora_shrink:
+            continue  # the strategies are only called with some LoRA token
+        check_shrink(shrink, case, ranks)
+        check_expand(expand, case, ranks)
+
+
+# ---- dispatch ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_dispatch_forced_backend(backend, monkeypatch, request):
+    monkeypatch.setenv("LORACLI_LORA_BACKEND", backend)
+    slots, S = spread_slots("free", 50, random.Random(1))
+    _, case = for_backend(backend, request, make_case(torch.bfloat16, 16, slots, S))
+    ranks = [16, 4, 0, 16, 9, 2, 16, 1]
+    check_shrink(lora_shrink, case, ranks)
+    check_expand(lora_expand, case, ranks)
+
+
+def test_dispatch_rejects_unknown_backend(monkeypatch):
+    monkeypatch.setenv("LORACLI_LORA_BACKEND", "cuda-graphs")
+    case = make_case(torch.float32, 4, [0, 0], 1)
+    with pytest.raises(ValueError, match="LORACLI_LORA_BACKEND"):
+        lora_shrink(case["x"], case["A"], case["meta"])
+
+
+def test_triton_kernels_pick_a_form(triton_ops):
+    """Decode-like steps (short segments) use BGMV, long segments SGMV."""
+    assert triton_ops.use_bgmv(build_meta([t // 4 for t in range(64)]))
+    assert not triton_ops.use_bgmv(build_meta([t // 256 for t in range(2048)]))
+
+
+def test_cpu_strategy_cost_model():
+    sorted_decode = build_meta([t // 8 for t in range(64)])
+    assert torch_ops.use_bmm(sorted_decode, 576, 16, torch.bfloat16)
+    assert not torch_ops.use_bmm(sorted_decode, 576, 16, torch.float16)
+    skewed_prefill = build_meta(sorted(random.Random(0).choices(range(8), [1, 0.01] * 4, k=2048)))
+    assert not torch_ops.use_bmm(skewed_prefill, 576, 16, torch.float32)
+
+
+def test_package_imports_without_triton():
+    """`import loracli.kernels` and the CPU path must not need Triton."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from loracli.kernels import build_meta, lora_shrink\n"
+        "y = lora_shrink(torch.ones(3, 4), torch.ones(2, 5, 4), build_meta([1, -1, 0]))\n"
+        "assert y.tolist()[0] == [4.0] * 5 and y.tolist()[1] == [0.0] * 5\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LORACLI_LORA_BACKEND"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# ---- no LoRA tokens, bad arguments -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("slots", [[], [-1, -1, -1]])
+def test_no_lora_tokens(backend, slots, monkeypatch, request):
+    monkeypatch.setenv("LORACLI_LORA_BACKEND", backend)
+    _, case = for_backend(backend, request, make_case(torch.float32, 8, slots, 2))
+    y = lora_shrink(case["x"], case["A"], case["meta"])
+    assert y.shape == (len(slots), 8) and not y.any()
+    out = case["out"].clone()
+    lora_expand(case["y"], case["B"], case["meta"], out, OFFSET)
+    assert torch.equal(out, case["out"])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda c: lora_shrink(c["x"][:, :10], c["A"], c["meta"]), "lora_shrink wants"),
+        (lambda c: lora_shrink(c["x"][:2], c["A"], c["meta"]), "meta describes"),
+        (lambda c: lora_shrink(c["x"], c["A"][:1], c["meta"]), "out of range"),
+        (lambda c: lora_shrink(c["x"], c["A"], c["meta"], [8, 9]), "ranks must lie"),
+        (lambda c: lora_shrink(c["x"], c["A"], c["meta"], [8]), "ranks has 1 entries"),
+        (lambda c: lora_expand(c["y"], c["B"], c["meta"], c["out"], c["out"].shape[1]), "do not fit"),
+        (lambda c: lora_expand(c["y"][:, :3], c["B"], c["meta"], c["out"]), "lora_expand wants"),
+        (lambda c: lora_expand(c["y"], c["B"], c["meta"], c["out"][:2]), "out has 2 rows"),
+        (lambda c: lora_shrink(c["x"].double(), c["A"], c["meta"]), "one dtype"),
+        (lambda c: lora_expand(c["y"], c["B"].half(), c["meta"], c["out"]), "one dtype"),
+    ],
+)
+def test_bad_arguments(call, message):
+    case = make_case(torch.float32, 8, [0, 1, 1, -1], 2)
+    with pytest.raises(ValueError, match=message):
+        call(case)
+
+
+# ---- build_meta --------------------------------------------------------------------------------
+
+
+def test_build_meta_contiguous_runs():
+    meta = build_meta([3, 3, -1, 0, 0, 0, 5])
+    assert meta.runs == [(3, 0, 2), (0, 3, 6), (5, 6, 7)]
+    assert meta.order is None
+    assert meta.token_slot.tolist() == [3, 3, -1, 0, 0, 0, 5]
+    assert (meta.num_tokens, meta.max_slot, meta.any_lora) == (7, 5, True)
+
+
+def test_build_meta_non_contiguous_sorts_stably():
+    slots = [1, 0, 1, -1, 0, 2, -1]
+    meta = build_meta(slots)
+    assert meta.order.tolist() == [3, 6, 1, 4, 0, 2, 5]  # slot -1 first, ties in token order
+    assert meta.runs == [(0, 2, 4), (1, 4, 6), (2, 6, 7)]
+    for slot, s, e in meta.runs:
+        assert all(slots[t] == slot for t in meta.order[s:e].tolist())
+
+
+def test_build_meta_repeated_slot_across_a_gap_is_non_contiguous():
+    meta = build_meta([4, -1, 4])
+    assert meta.order.tolist() == [1, 0, 2]
+    assert meta.runs == [(4, 1, 3)]
+
+
+def test_build_meta_all_free_and_empty():
+    for slots in ([-1, -1], []):
+        meta = build_meta(slots)
+        assert meta.runs == [] and meta.order is None
+        assert (meta.num_tokens, meta.max_slot, meta.any_lora) == (len(slots), -1, False)
+        assert meta.token_slot.dtype == torch.int64 and meta.token_slot.numel() == len(slots)
+
+
+def test_build_meta_rejects_bad_slots():
+    with pytest.raises(ValueError, match=">= -1"):
+        build_meta([0, -2])
+
+
+def test_meta_cache_builds_once():
+    meta = build_meta([0, 1])
+    calls = []
+    assert meta.cached("k", lambda: calls.append(1) or "v") == "v"
+    assert meta.cached("k", lambda: calls.append(1) or "w") == "v"
+    assert calls == [1]
