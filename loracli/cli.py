@@ -81,7 +81,8 @@ def run(
     defaults = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None,
                               ignore_eos=ignore_eos)
     options = RunOptions(stats_path=stats, errors_path=errors, overwrite=overwrite, strict=strict,
-                         fields=FieldMap(prompt_field, adapter_field, id_field), command=sys.argv[1:])
+                         fields=FieldMap(prompt_field, adapter_field, id_field), command=sys.argv[1:],
+                         exit_after_stop=True)
     summary = run_file(input, output, config, defaults, console=err, options=options)
     if json_out and output != "-":
         print(json.dumps(asdict(summary)))

@@ -56,6 +56,7 @@ class RunOptions:
     strict: bool = False
     fields: FieldMap = field(default_factory=FieldMap)
     command: list[str] = field(default_factory=list)
+    exit_after_stop: bool = False  # the caller exits after SIGINT/SIGTERM: ignore later signals
 
 
 @dataclass
@@ -237,7 +238,7 @@ def run_file(input_path: str, output_path: str, config: EngineConfig, defaults: 
     identity = run_identity(input_path, config, defaults, options)
     mode = plan_output(output_path, input_path, options.errors_path, identity, options.overwrite)
     summary = RunSummary(mode=mode)
-    with StopSignals() as stop:
+    with StopSignals(options.exit_after_stop) as stop:
         try:
             _run(input_path, output_path, config, defaults, options, console, engine, identity, summary, stop)
         except ForcedStop:

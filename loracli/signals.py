@@ -74,7 +74,8 @@ def critical() -> Iterator[None]:
 class StopSignals:
     """Handlers for SIGINT and SIGTERM for the duration of a `with` (main thread only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, exit_after_stop: bool = False) -> None:
+        self.exit_after_stop = exit_after_stop  # the caller exits once a stop was asked for (the CLI)
         self.requested: int | None = None
         self.forced = False
         self._previous: dict[int, object] = {}
@@ -88,7 +89,10 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # When the process exits after a stop, a late second signal must not turn into a
+            # KeyboardInterrupt traceback during shutdown: it is ignored from here on.
+            leaving = self.exit_after_stop and self.requested is not None
+            signal.signal(sig, signal.SIG_IGN if leaving else handler)
         _Guard.active, _Guard.pending = None, False
 
     def _handle(self, signum: int, frame) -> None:

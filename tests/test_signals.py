@@ -119,7 +119,10 @@ def test_interrupted_four_ways_then_finished_equals_an_uninterrupted_run(workloa
     assert f"resuming {out}: {kept} answers kept" in stderr
 
     code, stderr, kept = interrupt(workload, out, tmp_path, [signal.SIGINT, signal.SIGINT], after=20)
-    assert code == 130 and "stopped at once" in stderr and check_intact(out) == kept >= now + 20
+    # The second signal stops the run at once, unless the requests in flight had already finished
+    # (a race the tiny model often wins): either way exit 130, no traceback, no torn line.
+    assert code == 130 and check_intact(out) == kept >= now + 20 and "Traceback" not in stderr, stderr
+    assert "stopped at once" in stderr or "stopped after finishing the requests in flight" in stderr
 
     code, stderr, now = interrupt(workload, out, tmp_path, [signal.SIGKILL], after=20)
     assert code == -signal.SIGKILL and now >= kept + 20 and now < N
