@@ -235,15 +235,16 @@ class Engine:
             return out + self._back_off(batch, e)
         self.stats.steps += 1
         self.stats.prefill_steps += batch.is_prefill
-        bad = (~torch.isfinite(logits).all(dim=-1)).tolist()
+        top, greedy = logits.max(dim=-1)  # one pass: NaN or inf in a row makes its max non-finite
+        bad = (~torch.isfinite(top)).tolist()
         if any(bad):
             for seq, is_bad in zip(seqs, bad, strict=True):
                 if is_bad:
                     self.scheduler.finish(seq)
                     out.append(self._fail_seq(seq, "engine_error", "non-finite logits"))
             keep = [i for i, b in enumerate(bad) if not b]
-            seqs, logits = [seqs[i] for i in keep], logits[keep]
-        tokens = sample(logits, seqs, self.generators) if seqs else []
+            seqs, logits, greedy = [seqs[i] for i in keep], logits[keep], greedy[keep]
+        tokens = sample(logits, seqs, self.generators, greedy) if seqs else []
         now = time.perf_counter()
         for seq, tok in zip(seqs, tokens, strict=True):
             seq.token_ids.append(tok)

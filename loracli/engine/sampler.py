@@ -24,9 +24,13 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(0, idx, sorted_logits)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], generators: dict[int, torch.Generator]) -> list[int]:
-    """logits [B, V] float32 (row i for seqs[i]) -> next token id per sequence."""
-    tokens = logits.argmax(-1).tolist()
+def sample(logits: torch.Tensor, seqs: list[Sequence], generators: dict[int, torch.Generator],
+           greedy: torch.Tensor | None = None) -> list[int]:
+    """logits [B, V] float32 (row i for seqs[i]) -> next token id per sequence.
+
+    `greedy` [B] is `logits.argmax(-1)` when the caller has it already (from its finiteness check).
+    """
+    tokens = (logits.argmax(-1) if greedy is None else greedy).tolist()
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.temperature <= 0:

@@ -9,6 +9,8 @@ single one) with out sizes `splits`. For sub-projection j and slot s the buffers
 
 where place_j writes at column offset sum(splits[:j]). Tokens with slot -1 get the base only.
 Buffers are allocated once per slot count (`resize`) and written only on adapter activation.
+The ops run on the first `max(ranks[j])` rank columns only (views, no copy), so a rank-16 mix
+costs rank-16 FLOPs even when `max_rank` is 64.
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ class MultiLoraLinear:
             return out
         for j in range(len(self.splits)):
             ranks = self.ranks[j]
-            if not any(ranks):
+            r = max(ranks)  # buffers are zero past each slot's rank: compute only r <= R columns
+            if r == 0:
                 continue
-            y = lora_shrink(x, self.A[j], meta, ranks)  # [T, R]
-            lora_expand(y, self.B[j], meta, out, self.offsets[j], ranks)
+            y = lora_shrink(x, self.A[j][:, :r], meta, ranks)  # [T, r]
+            lora_expand(y, self.B[j][:, :, :r], meta, out, self.offsets[j], ranks)
         return out
