@@ -127,7 +127,7 @@ def bench(
     ranks: Annotated[str, typer.Option(help="Ranks of the random adapters, cycled, e.g. 8,16")] = "16",
     targets: Annotated[str, typer.Option(help="Targets of the random adapters: all, or e.g. q_proj,v_proj")] = "all",
     distribution: Annotated[str, typer.Option(help="Adapter popularity: distinct|uniform|skewed|identical|"
-                                                   "zipf:ALPHA")] = "zipf:1.5",
+                                                   "round-robin|zipf:ALPHA")] = "zipf:1.5",
     prompts: Annotated[str, typer.Option(help="Synthetic prompts to make, or a run-format JSONL file")] = "64",
     prompt_len: Annotated[str, typer.Option(help="Prompt tokens: N or a range like 20-59")] = "20-59",
     output_len: Annotated[str, typer.Option(help="Output tokens: N or a range like 32-63")] = "32",

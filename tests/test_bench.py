@@ -65,6 +65,11 @@ def test_identical_uses_one_adapter_and_distinct_all_different():
         assign_adapters(parse_distribution("distinct"), 8, 50, random.Random(0))
 
 
+def test_round_robin_cycles_through_the_adapters():
+    assert assign_adapters(parse_distribution("round-robin"), 4, 10, random.Random(0)) == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert counts("round-robin", 4, 256) == Counter({0: 64, 1: 64, 2: 64, 3: 64})
+
+
 def test_uniform_is_roughly_flat():
     c = counts("uniform", 8, 16000)
     assert set(c) == set(range(8))

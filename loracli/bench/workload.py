@@ -14,6 +14,7 @@ Synthetic workloads (`WorkloadSpec`):
     * `distinct`:  request i names adapter i: every request a different adapter (N is raised to the
       number of prompts);
     * `identical`: every request names adapter 0 (N is lowered to 1);
+    * `round-robin`: request i names adapter i mod N;
     * `uniform`:   each request draws its adapter independently, each of the N equally likely;
     * `zipf:A`:    each request draws independently; adapter k (0-based) has probability proportional
       to 1 / (k + 1)^A (a finite Zipf law: adapter 0 the most popular);
@@ -48,14 +49,14 @@ from ..errors import ConfigError
 from ..model.spec import TARGET_MODULES, ModelSpec
 
 B_STD = 0.01
-NAMED_DISTRIBUTIONS = ("distinct", "uniform", "skewed", "identical")
+NAMED_DISTRIBUTIONS = ("distinct", "uniform", "skewed", "identical", "round-robin")
 SKEWED_ALPHA = 1.5
 MAX_PROMPT_TRIES = 4
 
 
 @dataclass(frozen=True)
 class Distribution:
-    """`kind` is one of distinct, uniform, identical, zipf; `alpha` the Zipf exponent."""
+    """`kind` is one of distinct, uniform, identical, round-robin, zipf; `alpha` the Zipf exponent."""
 
     kind: str
     alpha: float = 0.0
@@ -249,6 +250,8 @@ def assign_adapters(dist: Distribution, num_adapters: int, num_requests: int, rn
         return list(range(num_requests))
     if dist.kind == "identical":
         return [0] * num_requests
+    if dist.kind == "round-robin":
+        return [i % num_adapters for i in range(num_requests)]
     weights = zipf_weights(num_adapters, dist.alpha) if dist.kind == "zipf" else None
     return list(rng.choices(range(num_adapters), weights=weights, k=num_requests))
 
