@@ -1,0 +1,156 @@
+"""Where one decode step's time goes: `python -m loracli.bench.profile [--adapters DIR] [--batch 64]`.
+
+Contract: builds an `Engine` (the default model unless `--model`), admits `--batch` requests
+(adapters of `--adapters` assigned round-robin, or the base model), prefills them, runs
+`--warmup` decode steps, times `--steps` decode steps (wall clock, mean), then runs the same
+number under `torch.profiler` and splits the operators' self CPU time into buckets:
+
+    base matmul   aten::mm / addmm / linear (the shared base projections and the lm_head)
+    lora          aten::bmm / baddbmm / addmm_ (the shrink/expand ops of `loracli.kernels`)
+    attention     SDPA, the KV gather of the paged cache (aten::index) and the KV write (index_copy_)
+    sampling      max / argmax / isfinite pieces on the logits
+    other         everything else (norms, RoPE, SiLU, copies, Python-side tensor building)
+
+It also reports the base matmuls' achieved FLOP/s (dense + lm_head FLOPs of the step over the
+profiled base matmul time) against `roofline.matmul_rate` measured at [batch x hidden] x
+[hidden x intermediate] in the same process. Profiling adds overhead to small ops, so the
+buckets are shares of the profiled time; the step time printed first is unprofiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+BUCKETS = {
+    "base matmul": ("aten::mm", "aten::addmm", "aten::linear"),
+    "lora": ("aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::addmm_"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index", "aten::index_copy_",
+                  "aten::_scaled_dot_product_attention_math", "aten::_efficient_attention_forward",
+                  "aten::_scaled_dot_product_flash_attention"),
+    "sampling": ("aten::max", "aten::argmax", "aten::isfinite", "aten::abs", "aten::ne", "aten::eq",
+                 "aten::all"),
+}
+# Composite ops whose time is already counted in their children's self time.
+COMPOSITES = ("aten::linear", "aten::matmul")
+
+
+def bucket_of(op: str) -> str:
+    for name, ops in BUCKETS.items():
+        if op in ops:
+            return name
+    return "other"
+
+
+def split(self_us: dict[str, float]) -> dict[str, float]:
+    """Operator -> self microseconds  =>  bucket -> share of the total (sums to 1)."""
+    totals: dict[str, float] = defaultdict(float)
+    for op, us in self_us.items():
+        totals[bucket_of(op)] += us
+    whole = sum(totals.values()) or 1.0
+    return {name: totals[name] / whole for name in (*BUCKETS, "other")}
+
+
+def _requests(names: list[str | None], batch: int):
+    from ..requests import Request
+
+    topics = ("rivers", "music", "volcanoes", "bread", "chess", "bridges", "comets", "bees")
+    return [Request(str(i), names[i % len(names)],
+                    f"Write a short note about {topics[i % len(topics)]} number {i}, with one example.")
+            for i in range(batch)]
+
+
+def profile_decode(model: str | None, adapters: str | None, batch: int, steps: int, warmup: int,
+                   dtype: str, max_lora_rank: int) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..config import EngineConfig
+    from ..engine.engine import Engine
+    from ..engine.sequence import SamplingParams
+    from .roofline import flops_per_token, matmul_rate
+
+    engine = Engine(EngineConfig(model=model, adapters_dir=adapters, dtype=dtype, max_num_seqs=batch,
+                                 max_lora_rank=max_lora_rank, max_loras=8))
+    names: list[str | None] = list(engine.store.names()) or [None]
+    params = SamplingParams(max_tokens=1 + warmup + 2 * steps + 1, ignore_eos=True)
+    for req in _requests(names, batch):
+        failure = engine.add_request(req, params)
+        if failure is not None:
+            raise RuntimeError(f"request {req.id}: {failure.error}")
+    while engine.scheduler.waiting:
+        engine.step()
+    for _ in range(warmup):
+        engine.step()
+    running = len(engine.scheduler.running)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    step_s = (time.perf_counter() - t0) / steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages() if e.key not in COMPOSITES}
+    shares = split(self_us)
+    base_us = sum(us for op, us in self_us.items() if bucket_of(op) == "base matmul") / steps
+    spec = engine.spec
+    context = sum(len(s) for s in engine.scheduler.running) / max(1, running)
+    f = flops_per_token(spec, context)
+    achieved = (f.dense + f.lm_head) * running / (base_us * 1e-6) if base_us else 0.0
+    peak = matmul_rate(running, spec.hidden, spec.intermediate, engine.dtype)
+    return {
+        "model": engine.model_name, "dtype": str(engine.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "batch": running, "adapters": [n for n in names if n],
+        "step_ms": step_s * 1e3, "tokens_per_s": running / step_s, "shares": shares,
+        "base_matmul_gflops": achieved / 1e9, "matmul_rate_gflops": peak / 1e9,
+        "base_matmul_share_of_rate": achieved / peak if peak else 0.0,
+        "probe_shape": f"[{running}x{spec.hidden}]x[{spec.hidden}x{spec.intermediate}]",
+    }
+
+
+def render(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"{result['model']} {result['dtype']}, {result['threads']} threads, batch {result['batch']}, "
+                  f"adapters {', '.join(result['adapters']) or 'none'}: decode step {result['step_ms']:.1f} ms "
+                  f"= {result['tokens_per_s']:.1f} tok/s")
+    table = Table(title="decode step, share of profiled operator time")
+    table.add_column("bucket")
+    table.add_column("share", justify="right")
+    for name, share in result["shares"].items():
+        table.add_row(name, f"{100 * share:.1f}%")
+    console.print(table)
+    console.print(f"base matmuls at {result['base_matmul_gflops']:.1f} GFLOP/s = "
+                  f"{100 * result['base_matmul_share_of_rate']:.0f}% of the measured matmul rate "
+                  f"({result['matmul_rate_gflops']:.1f} GFLOP/s at {result['probe_shape']})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--adapters", default=None, help="adapters folder (round-robin over its adapters)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--json", default=None, help="also write the numbers here")
+    a = p.parse_args(argv)
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    result = profile_decode(a.model, a.adapters, a.batch, a.steps, a.warmup, a.dtype, a.max_lora_rank)
+    render(result)
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
