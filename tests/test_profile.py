@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from tiny import make_adapter, make_model
 
 from loracli.bench.profile import bucket_of, profile_decode, split
-from tests.tiny import make_adapter, make_model
 
 
 def test_buckets_and_shares():
