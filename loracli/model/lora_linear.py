@@ -57,14 +57,12 @@ class MultiLoraLinear:
 
     def set_slot(self, slot: int, j: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Write sub-projection j of `slot`: a [r, in], b [n_j, r] (scaled), or clear it when None."""
-        self.A[j][slot].zero_()
-        self.B[j][slot].zero_()
-        if a is None:
-            self.ranks[j][slot] = 0
-            return
-        r = a.shape[0]
-        self.A[j][slot, :r].copy_(a)
-        self.B[j][slot, :, :r].copy_(b)
+        r = 0 if a is None else a.shape[0]
+        if r:
+            self.A[j][slot, :r].copy_(a)
+            self.B[j][slot, :, :r].copy_(b)
+        self.A[j][slot, r:].zero_()  # zero past the rank: the ops may read these columns
+        self.B[j][slot, :, r:].zero_()
         self.ranks[j][slot] = r
 
     def __call__(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
