@@ -30,3 +30,4 @@ def test_profile_decode_on_a_tiny_model(tmp_path):
     assert sum(result["shares"].values()) == pytest.approx(1.0)
     assert result["shares"]["base matmul"] > 0 and result["shares"]["lora"] > 0
     assert result["base_matmul_gflops"] > 0 and result["matmul_rate_gflops"] > 0
+    assert result["activation_ms"]["disk_to_cpu"] > 0 and result["activation_ms"]["cpu_to_slot"] > 0

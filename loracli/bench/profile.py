@@ -14,7 +14,9 @@ number under `torch.profiler` and splits the operators' self CPU time into bucke
 It also reports the base matmuls' achieved FLOP/s (dense + lm_head FLOPs of the step over the
 profiled base matmul time) against `roofline.matmul_rate` measured at [batch x hidden] x
 [hidden x intermediate] in the same process. Profiling adds overhead to small ops, so the
-buckets are shares of the profiled time; the step time printed first is unprofiled.
+buckets are shares of the profiled time; the step time printed first is unprofiled. With
+adapters it last times their activation: disk -> CPU cache (a fresh `AdapterStore`) and CPU
+cache -> device slot (`ModelRunner.write_adapter`), medians in ms.
 """
 
 from __future__ import annotations
@@ -101,7 +103,9 @@ def profile_decode(model: str | None, adapters: str | None, batch: int, steps: i
     f = flops_per_token(spec, context)
     achieved = (f.dense + f.lm_head) * running / (base_us * 1e-6) if base_us else 0.0
     peak = matmul_rate(running, spec.hidden, spec.intermediate, engine.dtype)
+    activation = activation_ms(engine, [n for n in names if n]) if adapters else {}
     return {
+        "activation_ms": activation,
         "model": engine.model_name, "dtype": str(engine.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "batch": running, "adapters": [n for n in names if n],
         "step_ms": step_s * 1e3, "tokens_per_s": running / step_s, "shares": shares,
@@ -109,6 +113,31 @@ def profile_decode(model: str | None, adapters: str | None, batch: int, steps: i
         "base_matmul_share_of_rate": achieved / peak if peak else 0.0,
         "probe_shape": f"[{running}x{spec.hidden}]x[{spec.hidden}x{spec.intermediate}]",
     }
+
+
+def activation_ms(engine, names: list[str], rounds: int = 3) -> dict:
+    """Median ms of loading each adapter from disk (a fresh CPU cache) and of writing it into slot 0.
+
+    Run after the profiled steps: it overwrites slot 0, so the engine must not step again.
+    """
+    import statistics
+
+    from ..adapter_store import AdapterStore
+
+    store = AdapterStore(engine.config.adapters_dir, engine.spec, max_cpu_loras=len(names),
+                         max_lora_rank=engine.config.max_lora_rank, dtype=engine.dtype)
+    disk, write = [], []
+    for name in names:
+        t0 = time.perf_counter()
+        store.get(name)
+        disk.append(time.perf_counter() - t0)
+    for _ in range(rounds):
+        for name in names:
+            weights = store.get(name)
+            t0 = time.perf_counter()
+            engine.runner.write_adapter(0, weights)
+            write.append(time.perf_counter() - t0)
+    return {"disk_to_cpu": 1e3 * statistics.median(disk), "cpu_to_slot": 1e3 * statistics.median(write)}
 
 
 def render(result: dict) -> None:
@@ -128,6 +157,10 @@ def render(result: dict) -> None:
     console.print(f"base matmuls at {result['base_matmul_gflops']:.1f} GFLOP/s = "
                   f"{100 * result['base_matmul_share_of_rate']:.0f}% of the measured matmul rate "
                   f"({result['matmul_rate_gflops']:.1f} GFLOP/s at {result['probe_shape']})")
+    act = result["activation_ms"]
+    if act:
+        console.print(f"adapter activation, median: disk -> CPU cache {act['disk_to_cpu']:.1f} ms, "
+                      f"CPU cache -> slot {act['cpu_to_slot']:.2f} ms")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,7 @@ class ModelRunner:
         self.blocks = blocks
         self.device = model.device
 
+    @torch.inference_mode()
     def write_adapter(self, slot: int, weights: LoraWeights) -> None:
         """Copy an adapter's A and scaled B into `slot` of every LoRA linear; clear what it lacks."""
         for layer, lin in self.model.linears():

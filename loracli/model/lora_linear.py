@@ -61,8 +61,9 @@ class MultiLoraLinear:
         if r:
             self.A[j][slot, :r].copy_(a)
             self.B[j][slot, :, :r].copy_(b)
-        self.A[j][slot, r:].zero_()  # zero past the rank: the ops may read these columns
-        self.B[j][slot, :, r:].zero_()
+        if r < self.max_rank:  # zero past the rank: the ops may read these columns
+            self.A[j][slot, r:].zero_()
+            self.B[j][slot, :, r:].zero_()
         self.ranks[j][slot] = r
 
     def __call__(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
