@@ -77,5 +77,6 @@ class ModelRunner:
         window = self.model.spec.sliding_window
         if window is not None:
             mask &= offs[None, :] >= (lens[:, None] - window)
+        gather = torch.where(mask, gather, self.model.zero_row)  # masked positions read the zero row
         return AttnMeta(False, self._tensor(rows), [1] * len(seqs), gather.to(self.device),
                         mask[:, None, None, :].to(self.device))

@@ -30,7 +30,7 @@ class AttnMeta:
     is_prefill: bool
     slot_mapping: torch.Tensor  # [T] int64: flat KV-cache row of each token
     seq_lens: list[int]  # prefill: tokens per sequence (python, sums to T)
-    gather_index: torch.Tensor | None = None  # decode: [B, L] flat KV rows of each sequence (padded)
+    gather_index: torch.Tensor | None = None  # decode: [B, L] flat KV rows, masked positions -> zero_row
     key_mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] bool, True = attend
 
 
@@ -107,11 +107,20 @@ class CausalLM:
         self.kv: list[torch.Tensor] = []
 
     def allocate_kv(self, num_rows: int) -> None:
-        """KV cache: per layer [2, num_rows, kv_heads, head_dim] (rows = blocks * block_size)."""
+        """KV cache: per layer [2, num_rows + 1, kv_heads, head_dim] (rows = blocks * block_size).
+
+        Left uninitialised (no zero-fill pass; on CPU, pages are touched only as blocks get used),
+        except the extra last row, `zero_row`, kept zero: decode attention reads it in place of every
+        masked position, so stale or never-written rows are never read (a NaN there, times a zero
+        attention weight, would still be NaN).
+        """
         s = self.spec
         self.kv = []  # release the old cache before allocating the new one
-        self.kv = [torch.zeros(2, num_rows, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device)
+        self.kv = [torch.empty(2, num_rows + 1, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device)
                    for _ in range(s.num_layers)]
+        for kv in self.kv:
+            kv[:, num_rows].zero_()
+        self.zero_row = num_rows
 
     def kv_bytes_per_row(self) -> int:
         s = self.spec

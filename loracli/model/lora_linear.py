@@ -44,8 +44,10 @@ class MultiLoraLinear:
         """Reallocate buffers for `n_slots` slots; new slot i takes old slot keep[i] (or empty)."""
         dev, dt, R = self.weight.device, self.weight.dtype, self.max_rank
         old = (self.A, self.B, self.ranks)
-        self.A = [torch.zeros(n_slots, R, self.in_features, device=dev, dtype=dt) for _ in self.splits]
-        self.B = [torch.zeros(n_slots, n, R, device=dev, dtype=dt) for n in self.splits]
+        # Uninitialised: a slot is read only after `set_slot` wrote all of it (weights, then zeros past
+        # the rank), so no zero-fill pass, and on CPU unused slots cost no resident memory.
+        self.A = [torch.empty(n_slots, R, self.in_features, device=dev, dtype=dt) for _ in self.splits]
+        self.B = [torch.empty(n_slots, n, R, device=dev, dtype=dt) for n in self.splits]
         self.ranks = [[0] * n_slots for _ in self.splits]
         for new, src in enumerate(keep or []):
             if src is None or src < 0:
