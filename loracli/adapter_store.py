@@ -51,12 +51,13 @@ class AdapterStore:
     def has(self, name: str) -> bool:
         return name in self._names
 
-    def get(self, name: str) -> LoraWeights:
+    def get(self, name: str, *, count_hit: bool = True) -> LoraWeights:
+        """The adapter's weights; `count_hit=False` for a second read of a request already counted."""
         if name in self.failed:
             raise AdapterError(str(self.folder / name), self.failed[name])
         if name in self.cache:
             self.cache.move_to_end(name)
-            self.stats.cpu_hits += 1
+            self.stats.cpu_hits += count_hit
             return self.cache[name]
         if not self.has(name):
             raise AdapterError(str(self.folder / name if self.folder else name), "unknown adapter")

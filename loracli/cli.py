@@ -47,6 +47,17 @@ def run(
     max_loras: Annotated[int, typer.Option(help="Adapter slots on the device")] = 8,
     max_lora_rank: Annotated[int, typer.Option(help="Largest adapter rank (power of two <= 512)")] = 64,
     max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters kept in the CPU cache")] = None,
+    min_loras: Annotated[int | None, typer.Option(help="Fewest adapter slots (default: --max-loras)")] = None,
+    dynamic_slots: Annotated[bool | None, typer.Option("--dynamic-slots/--no-dynamic-slots",
+                                                       help="Resize slots with the adapter mix (default: on "
+                                                            "when --min-loras < --max-loras)")] = None,
+    pin: Annotated[str | None, typer.Option(help="Adapters loaded at start and never evicted, e.g. a,b")] = None,
+    memory_budget: Annotated[str | None, typer.Option(help="One budget for weights, slots, KV cache and "
+                                                           "buffers, e.g. 2GiB; slots and KV trade inside it")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="CUDA: budget as a fraction of device "
+                                                                      "memory")] = None,
+    slot_cooldown: Annotated[int, typer.Option(help="Steps of low demand before slots shrink")] = 32,
+    verify_slots: Annotated[bool, typer.Option(help="Debug: check every slot's weights after each resize")] = False,
     max_num_seqs: Annotated[int, typer.Option(help="Most sequences in one batch")] = 64,
     max_batched_tokens: Annotated[int, typer.Option(help="Most prompt tokens in one prefill step")] = 4096,
     max_model_len: Annotated[int | None, typer.Option(help="Context length cap (default: the model's)")] = None,
@@ -75,7 +86,11 @@ def run(
                           max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras, max_num_seqs=max_num_seqs,
                           max_batched_tokens=max_batched_tokens, max_model_len=max_model_len,
                           kv_cache_memory=parse_bytes(kv_cache_memory, "--kv-cache-memory"),
-                          allow_pickle=allow_pickle, seed=seed)
+                          allow_pickle=allow_pickle, seed=seed, min_loras=min_loras, dynamic_slots=dynamic_slots,
+                          pinned=tuple(p.strip() for p in (pin or "").split(",") if p.strip()),
+                          memory_budget=parse_bytes(memory_budget, "--memory-budget") if memory_budget else None,
+                          gpu_memory_utilization=gpu_memory_utilization, slot_cooldown_steps=slot_cooldown,
+                          verify_slots=verify_slots)
     if max_tokens < 1:
         raise typer.BadParameter("must be positive", param_hint="--max-tokens")
     defaults = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None,

@@ -44,6 +44,16 @@ class EngineConfig:
     allow_pickle: bool = False
     seed: int = 0
     starvation_steps: int = 64  # a request blocked on adapter slots this long stops new admissions
+    # Adapter slots that resize themselves (engine/slot_policy.py, engine/slot_resizer.py).
+    min_loras: int | None = None  # None = max_loras (a fixed slot count)
+    dynamic_slots: bool | None = None  # None = on when min_loras < max_loras
+    pinned: tuple[str, ...] = ()  # adapters loaded at start and never evicted from their slots
+    memory_budget: int | None = None  # bytes for weights + slots + KV + working buffers; None = no trading
+    gpu_memory_utilization: float | None = None  # CUDA: budget = this fraction of the device's memory
+    slot_cooldown_steps: int = 32  # demand below the slot count this long before a shrink
+    resize_window_steps: int = 256  # oscillation guard: more than max_resizes in this window freezes
+    max_resizes: int = 8
+    verify_slots: bool = False  # after every resize, check each slot's weights against the CPU copy
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -69,3 +79,27 @@ class EngineConfig:
             _positive("max-model-len", self.max_model_len)
         if self.num_kv_blocks is not None:
             _positive("num-kv-blocks", self.num_kv_blocks)
+        self._check_slots()
+
+    def _check_slots(self) -> None:
+        if self.min_loras is None:
+            self.min_loras = self.max_loras
+        _positive("min-loras", self.min_loras)
+        if self.min_loras > self.max_loras:
+            raise ConfigError(f"--min-loras ({self.min_loras}) must be <= --max-loras ({self.max_loras})")
+        if self.dynamic_slots is None:
+            self.dynamic_slots = self.min_loras < self.max_loras
+        for name in ("slot_cooldown_steps", "resize_window_steps", "max_resizes"):
+            _positive(name.replace("_", "-"), getattr(self, name))
+        self.pinned = tuple(dict.fromkeys(p for p in self.pinned if p))
+        if len(self.pinned) > self.min_loras:
+            raise ConfigError(f"--pin names {len(self.pinned)} adapters but --min-loras is {self.min_loras}: "
+                              "pinned adapters must fit in the smallest slot count")
+        if self.memory_budget is not None:
+            _positive("memory-budget", self.memory_budget)
+        u = self.gpu_memory_utilization
+        if u is not None:
+            if not (isinstance(u, float | int) and 0 < u <= 1):
+                raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {u!r}")
+            if self.memory_budget is not None:
+                raise ConfigError("give --memory-budget or --gpu-memory-utilization, not both")

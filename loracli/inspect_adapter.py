@@ -62,6 +62,7 @@ from .adapters import (
 from .config import MAX_LORA_RANK_LIMIT, EngineConfig
 from .errors import AdapterError
 from .model.spec import TARGET_MODULES, ModelSpec
+from .sizes import format_bytes
 
 SCHEMA_VERSION = 1
 SLOT_BYTES_FORMULA = "sum over layers and the 7 modules q,k,v,o,gate,up,down of R*(in+out)*dtype_bytes"
@@ -443,13 +444,6 @@ def inspect_path(path: Path | str, *, model: str | None = None, max_lora_rank: i
 
 
 # --- rendering ---------------------------------------------------------------------------------
-
-
-def format_bytes(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def _fmt_num(x: float) -> str:

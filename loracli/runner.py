@@ -90,6 +90,7 @@ class RunSummary:
     interrupted: int | None = None  # the signal that stopped the run
     forced: bool = False  # a second signal: requests in flight were abandoned
     abandoned: int = 0  # requests read but not finished when the run stopped
+    slots: dict = field(default_factory=dict)  # adapter slots: timeline, tiers, swap latency, memory split
 
     @property
     def any_failed(self) -> bool:
@@ -397,6 +398,7 @@ def _finish_summary(engine: Engine, summary: RunSummary) -> None:
     summary.preemptions = engine.scheduler.preemptions
     summary.steps = st.steps
     summary.oom_backoffs = st.oom_backoffs
+    summary.slots = engine.resizer.report()
 
 
 def summary_line(summary: RunSummary, output: str) -> str:

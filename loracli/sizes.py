@@ -18,3 +18,12 @@ def parse_bytes(text: str, option: str) -> int:
     if value <= 0:
         raise ConfigError(f"{option} must be positive, got {text!r}")
     return value
+
+
+
+def format_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB' (binary units, one decimal)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"

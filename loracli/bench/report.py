@@ -187,7 +187,8 @@ def _pair(a: float | None, b: float | None, fmt: str = "{:.2f}") -> str:
 def _slots(r: SystemResult) -> str:
     c = r.counters
     if "slot_activations" in c:
-        return f"{c['slot_activations']} / {c['slot_evictions']}"
+        resizes = f", {c['slot_resizes']} resizes" if c.get("slot_resizes") else ""
+        return f"{c['slot_activations']} / {c['slot_evictions']}{resizes}"
     if "adapter_switches" in c:
         return f"{c['adapter_switches']} switches"
     return "—"

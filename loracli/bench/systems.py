@@ -35,10 +35,12 @@ from pathlib import Path
 
 from ..config import EngineConfig
 from ..errors import ConfigError
+from ..sizes import parse_bytes
 
 KINDS = ("loracli", "peft-mixed", "peft-grouped", "merged-swap", "base", "vllm")
 BASE_ADAPTER = "__base__"
 FIXED_ENGINE_FIELDS = ("model", "adapters_dir", "dtype", "device")
+BYTE_FIELDS = ("memory_budget", "kv_cache_memory")  # take sizes such as 512MiB
 DEFAULT_MAX_LORA_RANK = EngineConfig().max_lora_rank
 
 
@@ -62,6 +64,8 @@ def _engine_value(key: str, raw: str) -> tuple[str, object]:
         if text.lower() not in ("true", "false", "1", "0"):
             raise ConfigError(f"--systems: {key} must be true or false, got {raw!r}")
         return name, text.lower() in ("true", "1")
+    if name in BYTE_FIELDS:
+        return name, parse_bytes(text, f"--systems: {key}")
     if kind.startswith("int"):
         try:
             return name, int(text)
@@ -219,7 +223,8 @@ class LoracliSystem(System):
                 "slot_activations": e.slots.stats.activations, "slot_evictions": e.slots.stats.evictions,
                 "slot_hits": e.slots.stats.hits, "disk_loads": e.store.stats.disk_loads,
                 "cpu_evictions": e.store.stats.cpu_evictions, "preemptions": e.scheduler.preemptions,
-                "oom_backoffs": e.stats.oom_backoffs}
+                "oom_backoffs": e.stats.oom_backoffs, "slot_resizes": len(e.resizer.timeline.resizes),
+                "slots": e.slots.n_slots}
 
     def run(self, requests: list[dict]) -> Timed:
         reqs = self._requests(requests)

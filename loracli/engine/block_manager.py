@@ -45,3 +45,22 @@ class BlockManager:
 
     def row(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def resize(self, num_blocks: int, seqs) -> dict[int, int]:
+        """New block count; returns {old block: new block} for every block of `seqs` (the blocks in use)."""
+        if num_blocks < self.num_used:
+            raise RuntimeError(f"cannot shrink the KV cache to {num_blocks} blocks: {self.num_used} are in use")
+        targets = iter(sorted(b for b in self.free if b < num_blocks))
+        mapping: dict[int, int] = {}
+        for seq in seqs:
+            for i, b in enumerate(seq.block_table):
+                mapping[b] = b if b < num_blocks else next(targets)
+                seq.block_table[i] = mapping[b]
+        used = set(mapping.values())
+        self.free = deque(b for b in range(num_blocks) if b not in used)
+        self.num_blocks = num_blocks
+        return mapping

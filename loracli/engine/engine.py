@@ -20,16 +20,19 @@ import torch
 
 from ..adapter_store import AdapterStore
 from ..config import EngineConfig
-from ..errors import AdapterError, InputError
+from ..errors import AdapterError, ConfigError, InputError
 from ..model.llama import CausalLM
 from ..model.loader import load_config, load_state_dict, load_tokenizer
 from ..model_source import default_model_name, resolve_model
 from ..requests import Request
 from .block_manager import BlockManager
+from .memory_budget import MemoryBudget, working_bytes
 from .model_runner import ModelRunner
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
+from .slot_policy import SlotPolicy
+from .slot_resizer import SlotResizer
 from .slots import SlotManager
 
 
@@ -95,24 +98,64 @@ class Engine:
         self.max_model_len = min(config.max_model_len or self.spec.max_position, self.spec.max_position)
         self.eos_ids = self._eos_ids(folder)
         state = load_state_dict(folder, lambda k: not k.startswith("lm_head") or not self.spec.tie_embeddings)
+        slots = config.min_loras if config.dynamic_slots else config.max_loras
         self.model = CausalLM(hf_config, self.spec, state, dtype=self.dtype, device=self.device,
-                              n_slots=config.max_loras, max_rank=config.max_lora_rank, max_len=self.max_model_len)
-        rows_needed = config.max_num_seqs * (self.max_model_len + config.block_size)
-        num_blocks = config.num_kv_blocks or max(1, min(
-            config.kv_cache_memory // (self.model.kv_bytes_per_row() * config.block_size),
-            -(-rows_needed // config.block_size)))
+                              n_slots=slots, max_rank=config.max_lora_rank, max_len=self.max_model_len)
+        budget = self._memory_budget()
+        if budget is not None:
+            budget.check(slots, -(-self.max_model_len // config.block_size))
+            num_blocks = budget.kv_blocks(slots)
+        else:
+            rows_needed = config.max_num_seqs * (self.max_model_len + config.block_size)
+            num_blocks = config.num_kv_blocks or max(1, min(
+                config.kv_cache_memory // (self.model.kv_bytes_per_row() * config.block_size),
+                -(-rows_needed // config.block_size)))
         self.model.allocate_kv(num_blocks * config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.slots = SlotManager(config.max_loras)
+        self.slots = SlotManager(slots, pinned=set(config.pinned))
         self.store = AdapterStore(config.adapters_dir, self.spec, max_cpu_loras=config.max_cpu_loras,
                                   max_lora_rank=config.max_lora_rank, allow_pickle=config.allow_pickle,
                                   dtype=self.dtype)
         self.scheduler = Scheduler(config, self.blocks, self.slots, self._ensure_adapter)
         self.runner = ModelRunner(self.model, self.blocks)
+        policy = SlotPolicy(config.min_loras, config.max_loras, cooldown=config.slot_cooldown_steps,
+                            window=config.resize_window_steps, max_resizes=config.max_resizes)
+        self.resizer = SlotResizer(self, policy if config.dynamic_slots else None, budget)
+        self._pin(config.pinned)
         self.generators: dict[int, torch.Generator] = {}
         self.stats = RunStats()
         self._next_seq = 0
         self._arrivals: dict[int, tuple[float, float | None]] = {}
+
+    def _memory_budget(self) -> MemoryBudget | None:
+        cfg = self.config
+        if cfg.gpu_memory_utilization is not None:
+            if self.device.type != "cuda":
+                raise ConfigError("--gpu-memory-utilization needs a CUDA device; on CPU give --memory-budget")
+            total = int(cfg.gpu_memory_utilization * torch.cuda.get_device_properties(self.device).total_memory)
+        elif cfg.memory_budget is not None:
+            total = cfg.memory_budget
+        else:
+            return None
+        if cfg.num_kv_blocks is not None:
+            raise ConfigError("give a memory budget or a fixed number of KV blocks, not both")
+        elem = torch.finfo(self.dtype).bits // 8
+        return MemoryBudget(total, self.model.weight_bytes(),
+                            working_bytes(self.spec, cfg.max_batched_tokens, cfg.max_num_seqs, elem),
+                            self.model.slot_bytes(), self.model.kv_bytes_per_row() * cfg.block_size)
+
+    def _pin(self, names: tuple[str, ...]) -> None:
+        """Load the pinned adapters into slots now; they are never evicted."""
+        for name in names:
+            if not self.store.has(name):
+                raise ConfigError(f"--pin: unknown adapter {name!r} (known: {', '.join(self.store.names()) or 'none'})")
+            try:
+                weights = self.store.get(name)
+            except AdapterError as e:
+                raise ConfigError(f"--pin {name}: {e}") from None
+            slot, _, write = self.slots.place(name, 0)
+            if write:
+                self.runner.write_adapter(slot, weights)
 
     def _eos_ids(self, folder) -> set[int]:
         ids = set()
@@ -220,10 +263,13 @@ class Engine:
 
     def step(self) -> list[Result]:
         """One engine step: schedule -> run -> postprocess. Returns the requests finished by it."""
+        self.resizer.between_steps(self.scheduler.step_no)
         batch = self.scheduler.schedule()
         out = [self._fail_seq(seq, "adapter_error", reason) for seq, reason in batch.failed]
         for slot, name in batch.activations:
-            self.runner.write_adapter(slot, self.store.get(name))
+            t0 = time.perf_counter()
+            self.runner.write_adapter(slot, self.store.get(name, count_hit=False))
+            self.resizer.timeline.write_seconds.append(time.perf_counter() - t0)
         if not batch.seqs:
             return out
         seqs = sorted(batch.seqs, key=lambda s: s.slot)

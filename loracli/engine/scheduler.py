@@ -46,6 +46,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.step_no = 0
         self.preemptions = 0
+        self.kv_blocked = False  # the last admission stopped for want of KV blocks
 
     def add(self, seq: Sequence) -> None:
         seq.arrival_step = self.step_no
@@ -53,6 +54,16 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def pending_adapters(self, window: int) -> set[str]:
+        """Adapters of the running sequences and of the next `window` waiting ones (the slot demand)."""
+        names = {s.adapter for s in self.running if s.adapter is not None}
+        for i, seq in enumerate(self.waiting):
+            if i >= window:
+                break
+            if seq.adapter is not None:
+                names.add(seq.adapter)
+        return names
 
     def schedule(self) -> Batch:
         self.step_no += 1
@@ -67,6 +78,7 @@ class Scheduler:
         kept: deque[Sequence] = deque()
         failed_adapters: dict[str, str] = {}
         stop = False
+        self.kv_blocked = False
         while self.waiting:
             seq = self.waiting.popleft()
             if stop:
@@ -78,6 +90,7 @@ class Scheduler:
             n = len(seq)
             if len(self.running) >= cfg.max_num_seqs or (batch.seqs and n > budget) \
                     or not self.blocks.can_allocate(seq):
+                self.kv_blocked = not self.blocks.can_allocate(seq)
                 kept.append(seq)
                 stop = True
                 continue

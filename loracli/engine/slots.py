@@ -4,6 +4,11 @@ An adapter is *placed* in a slot (the caller then writes its weights there), *ac
 each running sequence that uses it and *released* when that sequence leaves the batch. Only
 slots with no users and not pinned can be evicted; among those the least recently used goes
 first, and empty slots are taken before any eviction.
+
+`resize(n)` changes the slot count and compacts: the adapters that stay (every slot in use, then
+pinned ones, then the most recently used) move to the lowest slots in their old order; the rest
+are evicted (counted, and named in the returned `SlotMove`). The caller must move every layer's
+buffers by `SlotMove.keep` and every running sequence's slot by `SlotMove.remap` together.
 """
 
 from __future__ import annotations
@@ -16,6 +21,13 @@ class SlotStats:
     activations: int = 0  # adapter weights written into a slot
     evictions: int = 0  # a resident adapter displaced by another
     hits: int = 0  # placement requests already resident
+
+
+@dataclass(frozen=True)
+class SlotMove:
+    keep: list[int]  # new slot i takes old slot keep[i]
+    remap: dict[int, int]  # old slot -> new slot, for the adapters that stay
+    evicted: list[str]
 
 
 @dataclass
@@ -74,3 +86,25 @@ class SlotManager:
 
     def resident(self) -> list[str]:
         return [a for a in self.adapter_of if a is not None]
+
+    def in_use(self) -> int:
+        return sum(1 for u in self.users if u > 0)
+
+    def resize(self, n_slots: int, step: int) -> SlotMove:
+        """Compact into `n_slots` slots; raises if the slots in use do not fit."""
+        busy = [s for s in range(self.n_slots) if self.users[s] > 0]
+        if len(busy) > n_slots:
+            raise RuntimeError(f"cannot shrink to {n_slots} slots: {len(busy)} are in use")
+        resident = [s for s in range(self.n_slots) if self.adapter_of[s] is not None]
+        rank = sorted(resident, key=lambda s: (self.users[s] == 0, self.adapter_of[s] not in self.pinned,
+                                               -self.last_used[s]))
+        keep = sorted(rank[:n_slots])
+        evicted = [self.adapter_of[s] for s in rank[n_slots:]]
+        old = (self.adapter_of, self.users, self.last_used)
+        self.n_slots = n_slots
+        self.adapter_of = [old[0][s] for s in keep] + [None] * (n_slots - len(keep))
+        self.users = [old[1][s] for s in keep] + [0] * (n_slots - len(keep))
+        self.last_used = [old[2][s] for s in keep] + [step] * (n_slots - len(keep))
+        self.slot_of = {a: i for i, a in enumerate(self.adapter_of) if a is not None}
+        self.stats.evictions += len(evicted)
+        return SlotMove(keep, {s: i for i, s in enumerate(keep)}, evicted)

@@ -122,6 +122,50 @@ class CausalLM:
             kv[:, num_rows].zero_()
         self.zero_row = num_rows
 
+    def resize_kv(self, num_rows: int, blocks: dict[int, int], block_size: int) -> None:
+        """Reallocate the cache at `num_rows` rows, layer by layer (one old layer alive at a time).
+
+        `blocks` maps every block in use, old -> new; only their rows are copied (free rows are
+        garbage by contract, and copying them would make untouched pages resident).
+        """
+        s = self.spec
+
+        def rows(ids) -> torch.Tensor:
+            return torch.tensor([b * block_size + i for b in ids for i in range(block_size)], dtype=torch.int64,
+                                device=self.device)
+
+        src, dst = rows(blocks), rows(blocks.values())
+        for layer in range(s.num_layers):
+            old = self.kv[layer]
+            new = torch.empty(2, num_rows + 1, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device)
+            if blocks:
+                new[:, dst] = old[:, src]
+            new[:, num_rows].zero_()
+            self.kv[layer] = new
+            del old
+        self.zero_row = num_rows
+
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv)
+
+    def weight_bytes(self) -> int:
+        seen: dict[int, int] = {}
+        tensors = [self.embed, self.norm, self.lm_head, self.cos, self.sin]
+        for layer in self.layers:
+            tensors += [layer.input_norm, layer.post_norm]
+            tensors += [t for lin in layer.linears() for t in (lin.weight, lin.bias) if t is not None]
+        for t in tensors:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    def slot_bytes(self) -> int:
+        """Bytes of one adapter slot across every LoRA linear (A and B at max rank)."""
+        return sum(lin.slot_bytes() for _, lin in self.linears())
+
+    def resize_slots(self, n_slots: int, keep: list[int]) -> None:
+        for _, lin in self.linears():
+            lin.resize(n_slots, keep)
+
     def kv_bytes_per_row(self) -> int:
         s = self.spec
         return 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8

@@ -57,6 +57,10 @@ class MultiLoraLinear:
                 self.B[j][new].copy_(old[1][j][src])
                 self.ranks[j][new] = old[2][j][src]
 
+    def slot_bytes(self) -> int:
+        elem = self.weight.element_size()
+        return sum(self.max_rank * (self.in_features + n) * elem for n in self.splits)
+
     def set_slot(self, slot: int, j: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Write sub-projection j of `slot`: a [r, in], b [n_j, r] (scaled), or clear it when None."""
         r = 0 if a is None else a.shape[0]

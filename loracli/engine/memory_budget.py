@@ -1,0 +1,59 @@
+"""One device-memory budget for base weights, adapter slots, KV cache and working buffers.
+
+Plain arithmetic on byte counts the engine measures from its tensors:
+
+    budget = weights + working + slots * slot_bytes + kv_blocks * block_bytes
+
+`weights` are the base model's tensors (and RoPE tables); `slot_bytes` one adapter slot across
+every LoRA layer (A and B buffers at `max_lora_rank`); `block_bytes` one KV block across every
+layer; `working` an estimate of the activations of the largest step:
+
+    working = 2 * max_batched_tokens * (3 * hidden + 2 * intermediate + q + 2 kv) * elem
+              + max_num_seqs * vocab * 4                      (the float32 logits)
+
+`kv_blocks(slots)` is what is left for the KV cache at a slot count; growing the slots by one
+costs `blocks_per_slot` blocks. The engine really reallocates both when it resizes, so the
+process's memory follows the split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..sizes import format_bytes
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    budget: int
+    weights: int
+    working: int
+    slot_bytes: int
+    block_bytes: int
+
+    def kv_blocks(self, slots: int) -> int:
+        return max(0, (self.budget - self.weights - self.working - slots * self.slot_bytes) // self.block_bytes)
+
+    @property
+    def blocks_per_slot(self) -> int:
+        return -(-self.slot_bytes // self.block_bytes)
+
+    def check(self, slots: int, min_blocks: int) -> None:
+        """ConfigError unless `slots` slots leave at least `min_blocks` KV blocks."""
+        if self.kv_blocks(slots) < min_blocks:
+            need = self.weights + self.working + slots * self.slot_bytes + min_blocks * self.block_bytes
+            raise ConfigError(
+                f"--memory-budget {format_bytes(self.budget)} is too small: weights {format_bytes(self.weights)}, "
+                f"working buffers {format_bytes(self.working)}, {slots} adapter slots "
+                f"{format_bytes(slots * self.slot_bytes)} and {min_blocks} KV blocks need {format_bytes(need)}")
+
+    def split(self, slots: int, kv_blocks: int) -> dict:
+        return {"weights": self.weights, "working": self.working, "slots": slots * self.slot_bytes,
+                "kv": kv_blocks * self.block_bytes}
+
+
+def working_bytes(spec, max_batched_tokens: int, max_num_seqs: int, elem: int) -> int:
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    acts = 2 * max_batched_tokens * (3 * spec.hidden + 2 * spec.intermediate + q + 2 * kv) * elem
+    return acts + max_num_seqs * spec.vocab_size * 4
