@@ -58,6 +58,10 @@ def run(
                                                                       "memory")] = None,
     slot_cooldown: Annotated[int, typer.Option(help="Steps of low demand before slots shrink")] = 32,
     verify_slots: Annotated[bool, typer.Option(help="Debug: check every slot's weights after each resize")] = False,
+    merge_policy: Annotated[str, typer.Option(help="auto|never|always-single: merge a dominant adapter into the "
+                                                   "base weights")] = "auto",
+    starvation_steps: Annotated[int, typer.Option(help="Most steps a request is held back by slot contention "
+                                                       "or a merge before it goes first")] = 64,
     max_num_seqs: Annotated[int, typer.Option(help="Most sequences in one batch")] = 64,
     max_batched_tokens: Annotated[int, typer.Option(help="Most prompt tokens in one prefill step")] = 4096,
     max_model_len: Annotated[int | None, typer.Option(help="Context length cap (default: the model's)")] = None,
@@ -90,7 +94,8 @@ def run(
                           pinned=tuple(p.strip() for p in (pin or "").split(",") if p.strip()),
                           memory_budget=parse_bytes(memory_budget, "--memory-budget") if memory_budget else None,
                           gpu_memory_utilization=gpu_memory_utilization, slot_cooldown_steps=slot_cooldown,
-                          verify_slots=verify_slots)
+                          verify_slots=verify_slots, merge_policy=merge_policy,
+                          starvation_steps=starvation_steps)
     if max_tokens < 1:
         raise typer.BadParameter("must be positive", param_hint="--max-tokens")
     defaults = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None,

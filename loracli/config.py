@@ -13,6 +13,7 @@ from .errors import ConfigError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_LORA_RANK_LIMIT = 512
+MERGE_POLICIES = ("auto", "never", "always-single")
 
 
 def _positive(name: str, value: int) -> None:
@@ -54,6 +55,7 @@ class EngineConfig:
     resize_window_steps: int = 256  # oscillation guard: more than max_resizes in this window freezes
     max_resizes: int = 8
     verify_slots: bool = False  # after every resize, check each slot's weights against the CPU copy
+    merge_policy: str = "auto"  # auto | never | always-single (engine/merge_policy.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -80,6 +82,8 @@ class EngineConfig:
         if self.num_kv_blocks is not None:
             _positive("num-kv-blocks", self.num_kv_blocks)
         self._check_slots()
+        if self.merge_policy not in MERGE_POLICIES:
+            raise ConfigError(f"--merge-policy must be one of {', '.join(MERGE_POLICIES)}, got {self.merge_policy!r}")
 
     def _check_slots(self) -> None:
         if self.min_loras is None:

@@ -91,6 +91,7 @@ class RunSummary:
     forced: bool = False  # a second signal: requests in flight were abandoned
     abandoned: int = 0  # requests read but not finished when the run stopped
     slots: dict = field(default_factory=dict)  # adapter slots: timeline, tiers, swap latency, memory split
+    merges: dict = field(default_factory=dict)  # merge/unmerge timeline, time merged, switch cost
 
     @property
     def any_failed(self) -> bool:
@@ -399,6 +400,7 @@ def _finish_summary(engine: Engine, summary: RunSummary) -> None:
     summary.steps = st.steps
     summary.oom_backoffs = st.oom_backoffs
     summary.slots = engine.resizer.report()
+    summary.merges = engine.merger.report()
 
 
 def summary_line(summary: RunSummary, output: str) -> str:

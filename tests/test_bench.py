@@ -50,7 +50,9 @@ def test_distribution_names():
     assert parse_distribution("skewed") == Distribution("zipf", 1.5)
     assert parse_distribution("zipf:0.8") == Distribution("zipf", 0.8)
     assert str(parse_distribution("zipf:2")) == "zipf:2"
-    for bad in ("zipf", "zipf:-1", "zipf:x", "popular", ""):
+    assert parse_distribution("dominant:0.95") == Distribution("dominant", 0.95)
+    assert str(parse_distribution("dominant:0.95")) == "dominant:0.95"
+    for bad in ("zipf", "zipf:-1", "zipf:x", "popular", "", "dominant:0", "dominant:1.5", "dominant:x"):
         with pytest.raises(ConfigError):
             parse_distribution(bad)
 
@@ -68,6 +70,14 @@ def test_identical_uses_one_adapter_and_distinct_all_different():
 def test_round_robin_cycles_through_the_adapters():
     assert assign_adapters(parse_distribution("round-robin"), 4, 10, random.Random(0)) == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
     assert counts("round-robin", 4, 256) == Counter({0: 64, 1: 64, 2: 64, 3: 64})
+
+
+def test_dominant_gives_adapter_zero_its_share_and_spreads_the_rest_evenly():
+    c = counts("dominant:0.95", 8, 20000)
+    assert abs(c[0] / 20000 - 0.95) < 0.01
+    others = [c[k] for k in range(1, 8)]
+    assert min(others) > 0.6 * max(others)
+    assert counts("dominant:1", 8, 100) == Counter({0: 100})
 
 
 def test_uniform_is_roughly_flat():

@@ -77,6 +77,8 @@ class SystemResult:
     ttft_p99_s: float | None = None
     latency_p50_s: float | None = None
     latency_p99_s: float | None = None
+    minority_wait_p99_s: float | None = None  # requests not of the most common adapter: arrival -> first token
+    minority_wait_max_s: float | None = None
     peak_rss_mib: float | None = None
     rss_delta_mib: float | None = None
     load_s: float = 0.0
@@ -105,6 +107,16 @@ def phase_rates(records: Sequence[Record], requests: Sequence[BenchRequest]) -> 
     return out
 
 
+def minority_waits(records: Sequence[Record], requests: Sequence[BenchRequest]) -> list[float]:
+    """Waits (engine arrival to first token) of the requests whose adapter is not the most common one."""
+    adapter_of = {r.id: r.adapter for r in requests}
+    counts: dict = {}
+    for r in requests:
+        counts[r.adapter] = counts.get(r.adapter, 0) + 1
+    top = max(counts, key=counts.__getitem__) if counts else None
+    return [rec.wait for rec in records if rec.wait is not None and adapter_of.get(rec.id) != top]
+
+
 def summarize(m: Measurement, requests: Sequence[BenchRequest], ignore_eos: bool) -> SystemResult:
     base = dict(name=m.system, load_s=m.load_seconds, warmup_s=m.warmup_seconds, counters=m.counters,
                 peak_rss_mib=m.peak_rss_mib, rss_delta_mib=m.rss_delta_mib)
@@ -116,11 +128,13 @@ def summarize(m: Measurement, requests: Sequence[BenchRequest], ignore_eos: bool
     tokens = sum(len(r.tokens) for r in m.records)
     ttfts = [r.ttft for r in m.records if r.ttft is not None]
     lats = [r.latency for r in m.records]
+    waits = minority_waits(m.records, requests)
     result = SystemResult(
         status="invalid" if problems else "ok", requests=len(m.records), output_tokens=tokens, wall_s=m.wall,
         tokens_per_s=None if problems or m.wall <= 0 else tokens / m.wall,
         ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99),
         latency_p50_s=percentile(lats, 50), latency_p99_s=percentile(lats, 99),
+        minority_wait_p99_s=percentile(waits, 99), minority_wait_max_s=max(waits, default=None),
         phases=phase_rates(m.records, requests), problems=problems,
         note=f"{len(problems)} problem(s): {problems[0]}" if problems else "", **base)
     return result
@@ -188,7 +202,8 @@ def _slots(r: SystemResult) -> str:
     c = r.counters
     if "slot_activations" in c:
         resizes = f", {c['slot_resizes']} resizes" if c.get("slot_resizes") else ""
-        return f"{c['slot_activations']} / {c['slot_evictions']}{resizes}"
+        merges = f", {c['merges']} merges" if c.get("merges") else ""
+        return f"{c['slot_activations']} / {c['slot_evictions']}{resizes}{merges}"
     if "adapter_switches" in c:
         return f"{c['adapter_switches']} switches"
     return "—"
@@ -222,14 +237,15 @@ def table(point: Point, title: str):
 
     t = Table(title=title, title_justify="left")
     for col in ("system", "status", "tok/s", "vs peft-mixed", "vs base", "TTFT p50/p99 s", "latency p50/p99 s",
-                "peak RSS MiB (+Δ)", "% of matmul", "slots act/evict"):
+                "minority wait p99/max s", "peak RSS MiB (+Δ)", "% of matmul", "slots act/evict"):
         t.add_column(col, justify="left" if col in ("system", "status") else "right")
     for r in point.systems:
         style = STATUS_STYLE.get(r.status, "")
         t.add_row(r.name, f"[{style}]{r.status}[/{style}]", _num(r.tokens_per_s),
                   _num(r.vs_peft_mixed, "{:.2f}x"), _num(r.vs_base, "{:.2f}x"),
                   _pair(r.ttft_p50_s, r.ttft_p99_s, "{:.1f}"), _pair(r.latency_p50_s, r.latency_p99_s, "{:.1f}"),
-                  _memory(r), _num(None if r.roofline_fraction is None else 100 * r.roofline_fraction, "{:.1f}%"),
+                  _pair(r.minority_wait_p99_s, r.minority_wait_max_s, "{:.1f}"), _memory(r),
+                  _num(None if r.roofline_fraction is None else 100 * r.roofline_fraction, "{:.1f}%"),
                   _slots(r))
     return t
 

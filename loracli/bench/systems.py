@@ -140,6 +140,7 @@ class Record:
     ttft: float | None
     latency: float
     error: str | None = None
+    wait: float | None = None  # seconds from the engine taking the request to its first token (loracli)
 
 
 @dataclass
@@ -224,7 +225,7 @@ class LoracliSystem(System):
                 "slot_hits": e.slots.stats.hits, "disk_loads": e.store.stats.disk_loads,
                 "cpu_evictions": e.store.stats.cpu_evictions, "preemptions": e.scheduler.preemptions,
                 "oom_backoffs": e.stats.oom_backoffs, "slot_resizes": len(e.resizer.timeline.resizes),
-                "slots": e.slots.n_slots}
+                "slots": e.slots.n_slots, "merges": e.merger.report()["merges"]}
 
     def run(self, requests: list[dict]) -> Timed:
         reqs = self._requests(requests)
@@ -234,7 +235,8 @@ class LoracliSystem(System):
         for res in self.engine.generate(reqs):
             error = f"{res.error[0]}: {res.error[1]}" if res.error else None
             ttft = res.first_token - t0 if res.first_token is not None else None
-            records.append(Record(res.id, list(res.token_ids), ttft, res.finished - t0, error))
+            wait = res.first_token - res.arrival if res.first_token is not None else None
+            records.append(Record(res.id, list(res.token_ids), ttft, res.finished - t0, error, wait))
         wall = time.perf_counter() - t0
         after = self.counters()
         return Timed(records, wall, {k: after[k] - before[k] for k in after})

@@ -18,7 +18,9 @@ Synthetic workloads (`WorkloadSpec`):
     * `uniform`:   each request draws its adapter independently, each of the N equally likely;
     * `zipf:A`:    each request draws independently; adapter k (0-based) has probability proportional
       to 1 / (k + 1)^A (a finite Zipf law: adapter 0 the most popular);
-    * `skewed`:    `zipf:1.5`, Punica's choice.
+    * `skewed`:    `zipf:1.5`, Punica's choice;
+    * `dominant:P`: each request draws independently; adapter 0 with probability P, the other
+      N-1 equally likely (dLoRA's "one adapter floods the queue").
 - `prompt_len` and `output_len`: fixed (`64`) or inclusive ranges (`20-59`), drawn uniformly per
   request. A synthetic prompt is made of whole-word vocabulary tokens (`PromptMaker`) so that it
   tokenizes to exactly its drawn length, special tokens included, as the engine counts it.
@@ -56,13 +58,14 @@ MAX_PROMPT_TRIES = 4
 
 @dataclass(frozen=True)
 class Distribution:
-    """`kind` is one of distinct, uniform, identical, round-robin, zipf; `alpha` the Zipf exponent."""
+    """`kind` is one of distinct, uniform, identical, round-robin, zipf, dominant; `alpha` the Zipf
+    exponent, or adapter 0's probability for dominant."""
 
     kind: str
     alpha: float = 0.0
 
     def __str__(self) -> str:
-        return f"zipf:{self.alpha:g}" if self.kind == "zipf" else self.kind
+        return f"{self.kind}:{self.alpha:g}" if self.kind in ("zipf", "dominant") else self.kind
 
 
 def parse_distribution(text: str) -> Distribution:
@@ -79,7 +82,16 @@ def parse_distribution(text: str) -> Distribution:
         if not (math.isfinite(alpha) and alpha > 0):
             raise ConfigError(f"--distribution: zipf needs a positive exponent, got {text!r}")
         return Distribution("zipf", alpha)
-    raise ConfigError(f"--distribution must be one of {', '.join(NAMED_DISTRIBUTIONS)} or zipf:ALPHA, got {text!r}")
+    if name.startswith("dominant:"):
+        try:
+            share = float(name[9:])
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1:
+            raise ConfigError(f"--distribution: dominant needs a share in (0, 1], got {text!r}")
+        return Distribution("dominant", share)
+    raise ConfigError(f"--distribution must be one of {', '.join(NAMED_DISTRIBUTIONS)}, zipf:ALPHA or dominant:P, "
+                      f"got {text!r}")
 
 
 def parse_range(text: str | int, option: str) -> tuple[int, int]:
@@ -253,6 +265,9 @@ def assign_adapters(dist: Distribution, num_adapters: int, num_requests: int, rn
     if dist.kind == "round-robin":
         return [i % num_adapters for i in range(num_requests)]
     weights = zipf_weights(num_adapters, dist.alpha) if dist.kind == "zipf" else None
+    if dist.kind == "dominant":
+        rest = (1 - dist.alpha) / (num_adapters - 1) if num_adapters > 1 else 0.0
+        weights = [dist.alpha] + [rest] * (num_adapters - 1)
     return list(rng.choices(range(num_adapters), weights=weights, k=num_requests))
 
 

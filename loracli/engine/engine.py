@@ -27,6 +27,8 @@ from ..model_source import default_model_name, resolve_model
 from ..requests import Request
 from .block_manager import BlockManager
 from .memory_budget import MemoryBudget, working_bytes
+from .merge_policy import MergePolicy
+from .merger import Merger
 from .model_runner import ModelRunner
 from .sampler import sample
 from .scheduler import Scheduler
@@ -50,6 +52,7 @@ class Result:
     arrival: float = 0.0
     first_token: float | None = None
     finished: float = 0.0
+    wait_steps: int | None = None  # engine steps from arrival to first admission
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Engine:
         policy = SlotPolicy(config.min_loras, config.max_loras, cooldown=config.slot_cooldown_steps,
                             window=config.resize_window_steps, max_resizes=config.max_resizes)
         self.resizer = SlotResizer(self, policy if config.dynamic_slots else None, budget)
+        self.merger = Merger(self, MergePolicy(config.merge_policy, credit_steps=config.starvation_steps))
         self._pin(config.pinned)
         self.generators: dict[int, torch.Generator] = {}
         self.stats = RunStats()
@@ -246,6 +250,7 @@ class Engine:
         """
         if self.has_work():
             raise RuntimeError("next_token_logits needs an idle engine")
+        self.merger.settle(self.scheduler.step_no)
         seq = Sequence(-1, "score", adapter, list(token_ids), SamplingParams())
         if adapter is not None:
             slot, _, write = self.slots.place(adapter, self.scheduler.step_no)
@@ -264,6 +269,7 @@ class Engine:
     def step(self) -> list[Result]:
         """One engine step: schedule -> run -> postprocess. Returns the requests finished by it."""
         self.resizer.between_steps(self.scheduler.step_no)
+        self.merger.between_steps(self.scheduler.step_no)
         batch = self.scheduler.schedule()
         out = [self._fail_seq(seq, "adapter_error", reason) for seq, reason in batch.failed]
         for slot, name in batch.activations:
@@ -272,7 +278,8 @@ class Engine:
             self.resizer.timeline.write_seconds.append(time.perf_counter() - t0)
         if not batch.seqs:
             return out
-        seqs = sorted(batch.seqs, key=lambda s: s.slot)
+        seqs = sorted(batch.seqs, key=self.runner.slot_of)
+        t0 = time.perf_counter()
         try:
             logits = self.runner.run(seqs, batch.is_prefill)
         except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
@@ -292,6 +299,7 @@ class Engine:
             seqs, logits, greedy = [seqs[i] for i in keep], logits[keep], greedy[keep]
         tokens = sample(logits, seqs, self.generators, greedy) if seqs else []
         now = time.perf_counter()
+        self.merger.observe_step(now - t0, len(tokens))
         for seq, tok in zip(seqs, tokens, strict=True):
             seq.token_ids.append(tok)
             arrival, first = self._arrivals[seq.seq_id]
@@ -300,6 +308,8 @@ class Engine:
             if self._check_finished(seq, tok):
                 self.scheduler.finish(seq)
                 out.append(self._finish(seq))
+        if not self.has_work():
+            self.merger.settle(self.scheduler.step_no)
         return out
 
     def _back_off(self, batch, error: RuntimeError) -> list[Result]:
@@ -351,7 +361,7 @@ class Engine:
         st.per_adapter[key] = st.per_adapter.get(key, 0) + 1
         return Result(seq.payload, seq.request_id, seq.adapter, seq.text, seq.finish_reason, seq.num_prompt,
                       seq.num_output, token_ids=list(seq.output_ids), arrival=arrival, first_token=first,
-                      finished=time.perf_counter())
+                      finished=time.perf_counter(), wait_steps=seq.admitted_step - seq.arrival_step)
 
     def _fail_seq(self, seq: Sequence, kind: str, message: str) -> Result:
         arrival, _ = self._arrivals.pop(seq.seq_id, (time.perf_counter(), None))

@@ -20,6 +20,7 @@ class ModelRunner:
         self.model = model
         self.blocks = blocks
         self.device = model.device
+        self.merged: str | None = None  # the adapter folded into the base weights, if any
 
     @torch.inference_mode()
     def write_adapter(self, slot: int, weights: LoraWeights) -> None:
@@ -29,10 +30,26 @@ class ModelRunner:
                 ab = weights.modules.get((layer, name))
                 lin.set_slot(slot, j, *(ab if ab is not None else (None, None)))
 
+    def merge(self, adapter: str, slot: int) -> None:
+        """Fold the adapter in `slot` into the base weights; its sequences then run with no LoRA term."""
+        for _, lin in self.model.linears():
+            lin.merge(slot)
+        self.merged = adapter
+
+    def unmerge(self) -> None:
+        """Restore the original base weights bit for bit."""
+        for _, lin in self.model.linears():
+            lin.unmerge()
+        self.merged = None
+
     def clear_slot(self, slot: int) -> None:
         for _, lin in self.model.linears():
             for j in range(len(lin.names)):
                 lin.set_slot(slot, j, None, None)
+
+    def slot_of(self, seq: Sequence) -> int:
+        """The slot whose LoRA the sequence gets this step: -1 when its adapter is merged."""
+        return -1 if self.merged is not None and seq.adapter == self.merged else seq.slot
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
@@ -46,7 +63,7 @@ class ModelRunner:
                 ids.extend(seq.token_ids)
                 pos.extend(range(n))
                 rows.extend(self.blocks.row(seq, p) for p in range(n))
-                slots.extend([seq.slot] * n)
+                slots.extend([self.slot_of(seq)] * n)
                 lens.append(n)
             attn = AttnMeta(True, self._tensor(rows), lens)
             last = self._tensor([sum(lens[:i + 1]) - 1 for i in range(len(lens))])
@@ -54,7 +71,7 @@ class ModelRunner:
             ids = [seq.token_ids[-1] for seq in seqs]
             pos = [len(seq) - 1 for seq in seqs]
             rows = [self.blocks.row(seq, len(seq) - 1) for seq in seqs]
-            slots = [seq.slot for seq in seqs]
+            slots = [self.slot_of(seq) for seq in seqs]
             attn = self._decode_meta(seqs, rows)
             last = None
         lora = build_meta(slots, self.device) if any(s >= 0 for s in slots) else None

@@ -13,6 +13,11 @@ Each step is either a prefill step (admit waiting sequences, whole prompts) or a
   fails, every waiting sequence for it fails with that reason.
 A decode step that lacks a block for some sequence preempts the most recently admitted running
 sequences (their blocks are freed and they wait again, to be recomputed).
+
+While one adapter is merged into the base weights (or the batch drains to merge it), only its
+requests are admitted (`only_adapter`); every other waiting request earns a credit per step.
+Once unmerged, requests with credits are admitted first, in arrival order (see merge_policy.py
+for the bound this gives).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class Scheduler:
         self.step_no = 0
         self.preemptions = 0
         self.kv_blocked = False  # the last admission stopped for want of KV blocks
+        self.only_adapter: str | None = None  # set while one adapter is merged or draining to merge
+        self.reserve_blocks = 0  # free KV blocks admissions must leave (for slots about to grow)
 
     def add(self, seq: Sequence) -> None:
         seq.arrival_step = self.step_no
@@ -79,8 +86,15 @@ class Scheduler:
         failed_adapters: dict[str, str] = {}
         stop = False
         self.kv_blocked = False
+        if self.only_adapter is None and any(s.credits for s in self.waiting):
+            # requests held back by a merge go first (stable: FCFS within an adapter is kept)
+            self.waiting = deque(sorted(self.waiting, key=lambda s: s.credits == 0))
         while self.waiting:
             seq = self.waiting.popleft()
+            if self.only_adapter is not None and seq.adapter != self.only_adapter:
+                seq.credits += 1
+                kept.append(seq)
+                continue
             if stop:
                 kept.append(seq)
                 continue
@@ -88,8 +102,8 @@ class Scheduler:
                 batch.failed.append((seq, failed_adapters[seq.adapter]))
                 continue
             n = len(seq)
-            if len(self.running) >= cfg.max_num_seqs or (batch.seqs and n > budget) \
-                    or not self.blocks.can_allocate(seq):
+            fits = self.blocks.blocks_for(n) <= self.blocks.num_free - self.reserve_blocks
+            if len(self.running) >= cfg.max_num_seqs or (batch.seqs and n > budget) or not fits:
                 self.kv_blocked = not self.blocks.can_allocate(seq)
                 kept.append(seq)
                 stop = True
@@ -129,6 +143,9 @@ class Scheduler:
         self.blocks.allocate(seq)
         seq.status = Status.RUNNING
         seq.blocked_since = None
+        seq.credits = 0
+        if seq.admitted_step is None:
+            seq.admitted_step = self.step_no
         self.running.append(seq)
         batch.seqs.append(seq)
 

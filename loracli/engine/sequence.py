@@ -39,6 +39,8 @@ class Sequence:
     slot: int = -1  # adapter slot while running, -1 = base model
     arrival_step: int = 0
     blocked_since: int | None = None  # step at which it first waited for an adapter slot
+    admitted_step: int | None = None  # step of its first admission (arrival_step -> this = its wait)
+    credits: int = 0  # steps it waited because another adapter was merged (or draining to merge)
     finish_reason: str | None = None
     text: str = ""
     payload: object = None  # the caller's request object, handed back with the result

@@ -13,6 +13,10 @@ half-resized engine:
 4. on CPU, `malloc_trim(0)` so the freed buffers leave the process, not just the allocator;
 5. with `verify_slots`, every resident adapter's weights are checked in every layer.
 
+When demand exceeds the slots but the free KV blocks cannot pay for one more slot, admissions
+are told to leave that many blocks free (`Scheduler.reserve_blocks`) while sequences run, so the
+blocks released by finishing sequences accumulate and the slots can grow a few steps later.
+
 The timeline (step, from, to, reason), slot-write latencies and the memory split after each
 resize are kept for `report()`.
 """
@@ -83,6 +87,21 @@ class SlotResizer:
             self._frozen_logged = True
         if choice is not None:
             self.resize(choice.to, choice.reason, step)
+        e.scheduler.reserve_blocks = self._reserve(demand)
+
+    def _reserve(self, demand: int) -> int:
+        """Free KV blocks admissions must leave so that one more slot can be paid for soon.
+
+        Only while sequences run (their blocks come back as they finish) and only when the grow
+        is affordable at all: with nothing running, holding blocks back could wait forever.
+        """
+        e = self.engine
+        if self.budget is None or self.policy.frozen or not e.scheduler.running:
+            return 0
+        if not demand > e.slots.n_slots < e.config.max_loras:
+            return 0
+        need = self.budget.blocks_per_slot + int(self.policy.low_watermark * e.blocks.num_blocks)
+        return need if need <= e.blocks.num_blocks else 0
 
     # --- mechanics ---------------------------------------------------------------------------------
 

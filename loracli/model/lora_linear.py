@@ -9,6 +9,7 @@ single one) with out sizes `splits`. For sub-projection j and slot s the buffers
 
 where place_j writes at column offset sum(splits[:j]). Tokens with slot -1 get the base only.
 Buffers are allocated once per slot count (`resize`) and written only on adapter activation.
+`merge(slot)` folds one slot's adapter into `weight` (keeping the original for `unmerge`).
 The ops run on the first `max(ranks[j])` rank columns only (views, no copy), so a rank-16 mix
 costs rank-16 FLOPs even when `max_rank` is 64.
 """
@@ -34,6 +35,7 @@ class MultiLoraLinear:
         self.A: list[torch.Tensor] = []
         self.B: list[torch.Tensor] = []
         self.ranks: list[list[int]] = []
+        self.saved: torch.Tensor | None = None  # the base weight while an adapter is merged into it
         self.resize(n_slots)
 
     @property
@@ -56,6 +58,30 @@ class MultiLoraLinear:
                 self.A[j][new].copy_(old[0][j][src])
                 self.B[j][new].copy_(old[1][j][src])
                 self.ranks[j][new] = old[2][j][src]
+
+    def merge(self, slot: int) -> bool:
+        """Fold the adapter in `slot` into the base weight: W = W0 + B @ A per sub-projection.
+
+        The delta is formed in float32 and added to W0 in float32, rounded once. W0 is kept
+        (`self.saved`) so `unmerge` restores it bit for bit. Returns whether anything changed.
+        """
+        if self.saved is not None:
+            raise RuntimeError("already merged")
+        if not any(self.ranks[j][slot] for j in range(len(self.splits))):
+            return False
+        self.saved = self.weight.clone()
+        merged = self.saved.to(torch.float32, copy=True)  # a copy even when the weight is float32
+        for j, (off, n) in enumerate(zip(self.offsets, self.splits, strict=True)):
+            r = self.ranks[j][slot]
+            if r:
+                merged[off:off + n] += self.B[j][slot, :, :r].float() @ self.A[j][slot, :r].float()
+        self.weight.copy_(merged)
+        return True
+
+    def unmerge(self) -> None:
+        if self.saved is not None:
+            self.weight.copy_(self.saved)
+            self.saved = None
 
     def slot_bytes(self) -> int:
         elem = self.weight.element_size()
