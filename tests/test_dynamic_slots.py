@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from runs import tiny_engine
 
 from loracli.engine.sequence import SamplingParams
@@ -21,12 +20,7 @@ from loracli.requests import Request
 ADAPTERS = (None, "attn4", "mlp8", "all16rs", "pattern")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def workload(n: int = 24) -> list[Request]:

@@ -13,13 +13,7 @@ from loracli.engine.sequence import SamplingParams
 from loracli.errors import ConfigError
 from loracli.requests import Request
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def view(counts, running=(), overdue=0, owed=False, work=None) -> MergeView:
