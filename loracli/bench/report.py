@@ -17,26 +17,15 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..quantiles import percentile
 from .systems import Measurement, Record
 from .workload import BenchRequest
 
 STATUS_STYLE = {"ok": "green", "invalid": "red", "failed": "red", "skipped": "yellow"}
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0..100), linear between closest ranks; None for no values."""
-    xs = sorted(values)
-    if not xs:
-        return None
-    pos = (len(xs) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def check_outputs(records: Sequence[Record], requests: Sequence[BenchRequest], ignore_eos: bool) -> list[str]:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import time
 
+from ..quantiles import percentile
 from .merge_policy import MergePolicy, MergeView, Transition
-from .slot_resizer import percentile
 
 log = logging.getLogger("loracli")
 
@@ -35,7 +35,7 @@ class Merger:
         self.merged_seconds = 0.0
         self._merged_at: float | None = None
 
-    def view(self, step: int) -> MergeView:
+    def view(self) -> MergeView:
         sched, x = self.engine.scheduler, self.policy.adapter
         counts: dict = {}
         work: dict = {}
@@ -50,7 +50,7 @@ class Merger:
     def between_steps(self, step: int) -> None:
         if self.policy.mode == "never":
             return
-        t = self.policy.decide(self.view(step))
+        t = self.policy.decide(self.view())
         if t is None:
             return
         if t.action == "merge" and not self._merge(t.adapter):
@@ -113,7 +113,7 @@ class Merger:
         merged = self.merged_seconds
         if self._merged_at is not None:
             merged += time.perf_counter() - self._merged_at
-        p50 = percentile([1e3 * s for s in self.switch_seconds], 0.5)
+        p50 = percentile([1e3 * s for s in self.switch_seconds], 50)
         p = self.policy
         return {"policy": p.mode, "state": p.state, "adapter": p.adapter, "timeline": self.timeline,
                 "merges": sum(1 for t in self.timeline if t["action"] == "merge"),

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..quantiles import percentile
 from .memory_budget import MemoryBudget
 from .slot_policy import KvView, SlotPolicy
 
@@ -42,13 +43,6 @@ class SlotTimeline:
     resizes: list[dict] = field(default_factory=list)  # {step, from, to, reason, seconds}
     memory: list[dict] = field(default_factory=list)  # {step, slots, kv_blocks, slot_bytes, kv_bytes}
     write_seconds: list[float] = field(default_factory=list)  # one adapter written into a slot
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def release_freed_memory() -> None:
@@ -157,7 +151,7 @@ class SlotResizer:
     def report(self) -> dict:
         e, tl = self.engine, self.timeline
         writes_ms = [1e3 * s for s in tl.write_seconds]
-        p50, p99 = percentile(writes_ms, 0.5), percentile(writes_ms, 0.99)
+        p50, p99 = percentile(writes_ms, 50), percentile(writes_ms, 99)
         return {
             "slots": e.slots.n_slots, "min_loras": e.config.min_loras, "max_loras": e.config.max_loras,
             "dynamic": bool(self.policy), "frozen": self.policy.frozen if self.policy else None,
