@@ -26,6 +26,7 @@ class StoreStats:
     cpu_hits: int = 0
     cpu_evictions: int = 0
     failures: int = 0
+    disk_bytes: int = 0  # bytes of adapter files read by disk loads
     load_seconds: list[float] = field(default_factory=list)
 
 
@@ -71,6 +72,7 @@ class AdapterStore:
             raise
         self.stats.load_seconds.append(time.perf_counter() - t0)
         self.stats.disk_loads += 1
+        self.stats.disk_bytes += sum(f.stat().st_size for f in (self.folder / name).iterdir() if f.is_file())
         self.cache[name] = weights
         while len(self.cache) > self.max_cpu_loras:
             self.cache.popitem(last=False)

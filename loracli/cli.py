@@ -23,6 +23,19 @@ from .errors import LoracliError
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Serve many LoRA adapters of one base model at once, in batch.")
 err = Console(stderr=True)
+LOCAL_RAY = "local"
+
+
+def optional_ray_address(argv: list[str]) -> list[str]:
+    """`--ray` takes an optional value: alone (or before an option or a non-address) it means a local Ray."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--ray":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or not (nxt in ("auto", LOCAL_RAY) or ":" in nxt):
+                out.append(LOCAL_RAY)
+    return out
 
 
 @app.callback()
@@ -75,14 +88,23 @@ def run(
     prompt_field: Annotated[str | None, typer.Option(help="Input column holding the prompt")] = None,
     adapter_field: Annotated[str | None, typer.Option(help="Input column holding the adapter name")] = None,
     id_field: Annotated[str | None, typer.Option(help="Input column holding the record id")] = None,
+    ray: Annotated[str | None, typer.Option(help="Run on Ray engine replicas: --ray alone starts a local Ray; "
+                                                 "--ray ADDRESS joins a cluster (auto, host:port, ray://...)")] = None,
+    workers: Annotated[int, typer.Option(help="--ray: engine replicas (Ray actors)")] = 2,
+    worker_cpus: Annotated[float, typer.Option(help="--ray: CPUs (and torch threads) per worker")] = 1.0,
+    worker_gpus: Annotated[float | None, typer.Option(help="--ray: GPUs per worker (default: 1 if the cluster "
+                                                           "has GPUs)")] = None,
+    routing: Annotated[str, typer.Option(help="--ray: affinity (keep an adapter's requests on the workers "
+                                              "holding it) or round-robin")] = "affinity",
 ) -> None:
     """Run every prompt of INPUT through the base model and its adapters; write one result per line.
 
     Rerun the same command to resume an interrupted run (see docs/FAILURES.md).
     """
+    from .cluster.pool import ClusterOptions
     from .engine.sequence import SamplingParams
     from .requests import FieldMap
-    from .runner import RunOptions, run_file, stop_message, summary_line
+    from .runner import RunOptions, run_file, stop_message, summary_line, worker_lines
     from .signals import exit_status, resume_command
     from .sizes import parse_bytes
 
@@ -103,6 +125,9 @@ def run(
     options = RunOptions(stats_path=stats, errors_path=errors, overwrite=overwrite, strict=strict,
                          fields=FieldMap(prompt_field, adapter_field, id_field), command=sys.argv[1:],
                          exit_after_stop=True)
+    if ray is not None:
+        options.cluster = ClusterOptions(None if ray == LOCAL_RAY else ray, workers, worker_cpus, worker_gpus,
+                                         routing)
     summary = run_file(input, output, config, defaults, console=err, options=options)
     if json_out and output != "-":
         print(json.dumps(asdict(summary)))
@@ -111,6 +136,8 @@ def run(
         err.print(message, highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(exit_status(summary.interrupted))
     err.print(summary_line(summary, output), highlight=False, soft_wrap=True, markup=False)
+    if summary.cluster:
+        err.print(worker_lines(summary.cluster), highlight=False, soft_wrap=True, markup=False)
     if summary.any_failed:
         raise typer.Exit(1)
 
@@ -185,7 +212,7 @@ def bench(
 def main() -> None:
     debug = os.environ.get("LORACLI_DEBUG") == "1"
     try:
-        app()
+        app(args=optional_ray_address(sys.argv[1:]), prog_name="loracli")
     except LoracliError as e:
         if debug:
             raise

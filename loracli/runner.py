@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .cluster.pool import ClusterOptions
 from .config import EngineConfig
 from .engine.engine import Engine, Result
 from .engine.sequence import SamplingParams
@@ -42,6 +43,7 @@ from .requests import FieldMap, RecordError, Request
 from .resume import Ledger, RunIdentity, Settled, fingerprint, plan_output, repair, write_sidecar
 from .signals import ForcedStop, StopSignals, signal_name
 
+PREFLIGHT_BATCH = 256  # records checked per call under --strict (one remote call each with --ray)
 SHOWN_PROBLEMS = 20  # failed records printed on stderr before only counting them (all with --strict)
 ENGINE_ERROR_FIELDS = {"unknown_adapter": "adapter", "adapter_error": "adapter", "prompt_too_long": "prompt",
                        "max_tokens_too_large": "max_tokens", "too_large_for_cache": "max_tokens",
@@ -57,6 +59,7 @@ class RunOptions:
     fields: FieldMap = field(default_factory=FieldMap)
     command: list[str] = field(default_factory=list)
     exit_after_stop: bool = False  # the caller exits after SIGINT/SIGTERM: ignore later signals
+    cluster: ClusterOptions | None = None  # --ray: run on engine replicas on a Ray cluster
 
 
 @dataclass
@@ -92,6 +95,7 @@ class RunSummary:
     abandoned: int = 0  # requests read but not finished when the run stopped
     slots: dict = field(default_factory=dict)  # adapter slots: timeline, tiers, swap latency, memory split
     merges: dict = field(default_factory=dict)  # merge/unmerge timeline, time merged, switch cost
+    cluster: dict = field(default_factory=dict)  # --ray: routing, per-worker requests/loads/swaps, bytes moved
 
     @property
     def any_failed(self) -> bool:
@@ -121,23 +125,6 @@ def run_identity(input_path: str, config: EngineConfig, defaults: SamplingParams
     errors = str(Path(options.errors_path).resolve()) if options.errors_path else None
     source = input_path if input_path == "-" else str(Path(input_path).resolve())
     return RunIdentity(source, fingerprint(input_path), opts, errors, list(options.command))
-
-
-def preflight(engine: Engine, req: Request) -> str | None:
-    """Why `engine.add_request` would refuse `req` (for --strict), or None."""
-    if req.adapter is not None and not engine.store.has(req.adapter):
-        return f"field 'adapter': unknown adapter {req.adapter!r}"
-    try:
-        n = len(engine.tokenize(req))
-    except Exception as e:  # noqa: BLE001 - as add_request: a tokenizer failure is this record's problem
-        return f"cannot tokenize: {type(e).__name__}: {e}"
-    if n >= engine.max_model_len:
-        return f"field 'prompt': {n} tokens; the context is {engine.max_model_len}"
-    max_tokens = req.params.get("max_tokens")
-    if max_tokens is not None and n + max_tokens > engine.max_model_len:
-        return (f"field 'max_tokens': {max_tokens} + prompt {n} tokens exceed the context of "
-                f"{engine.max_model_len}")
-    return None
 
 
 class Notes:
@@ -184,6 +171,17 @@ def validate(items: Iterable, file: str, engine: Engine, notes: Notes, stop: Sto
     """--strict: check every record (streaming), print each problem; returns how many there were."""
     ledger = Ledger(file)
     count = 0
+    batch: list[Request] = []
+
+    def check() -> int:
+        found = 0
+        for req, reason in zip(batch, engine.preflight_many(batch), strict=True):
+            if reason is not None:
+                notes.problem(f"{file}:{req.line}: {reason}")
+                found += 1
+        batch.clear()
+        return found
+
     for item in items:
         if stop is not None and stop.requested:
             break
@@ -195,11 +193,10 @@ def validate(items: Iterable, file: str, engine: Engine, notes: Notes, stop: Sto
             count += 1
             continue
         count += notes.unknown_fields(checked, file, fatal=True)
-        reason = preflight(engine, checked)
-        if reason is not None:
-            notes.problem(f"{file}:{checked.line}: {reason}")
-            count += 1
-    return count
+        batch.append(checked)
+        if len(batch) >= PREFLIGHT_BATCH:
+            count += check()
+    return count + check()
 
 
 def _prepare_output(mode: str, output: str, options: RunOptions, identity: RunIdentity,
@@ -257,8 +254,28 @@ def _run(input_path: str, output_path: str, config: EngineConfig, defaults: Samp
          options: RunOptions, console: Console, engine: Engine | None, identity: RunIdentity,
          summary: RunSummary, stop: StopSignals) -> None:
     t0 = time.perf_counter()
-    engine = engine or Engine(config, progress=True)
+    owned = engine is None
+    engine = engine or _make_engine(config, options, console)
     summary.load_seconds = time.perf_counter() - t0
+    try:
+        _stream_file(input_path, output_path, defaults, options, console, engine, identity, summary, stop)
+    finally:
+        if owned and hasattr(engine, "close"):
+            engine.close()
+
+
+def _make_engine(config: EngineConfig, options: RunOptions, console: Console):
+    """A local `Engine`, or with `options.cluster` a `RayPool` of engine replicas (same interface)."""
+    if options.cluster is None:
+        return Engine(config, progress=True)
+    from .cluster.pool import RayPool
+
+    return RayPool(config, options.cluster, log=lambda m: console.print(escape(m), highlight=False, soft_wrap=True))
+
+
+def _stream_file(input_path: str, output_path: str, defaults: SamplingParams, options: RunOptions,
+                 console: Console, engine: Engine, identity: RunIdentity, summary: RunSummary,
+                 stop: StopSignals) -> None:
     summary.model, summary.device = engine.model_name, str(engine.device)
     summary.dtype = str(engine.dtype).replace("torch.", "")
     file = display_name(input_path)
@@ -314,7 +331,7 @@ class _Run:
         def advance() -> None:
             elapsed = time.perf_counter() - t1
             progress.update(task, advance=1, tps=summary.completion_tokens / max(elapsed, 1e-9),
-                            res=f"{len(engine.slots.resident())}/{engine.slots.n_slots}")
+                            res=engine.residency())
 
         self.advance = advance
         try:
@@ -328,7 +345,7 @@ class _Run:
                     summary.completion_tokens += result.completion_tokens
                     advance()
                     if self.stop.requested:
-                        _stop_admitting(engine)
+                        engine.stop_admitting()
         finally:
             summary.abandoned = self.submitted - (summary.requests - summary.invalid)
             summary.wall_seconds = time.perf_counter() - t1
@@ -338,7 +355,7 @@ class _Run:
         summary, notes = self.summary, self.notes
         for item in items:
             if self.stop.requested:
-                _stop_admitting(self.engine)
+                self.engine.stop_admitting()
                 return
             if isinstance(item, Blank):
                 summary.blank_lines += 1
@@ -376,11 +393,6 @@ def locate(result: Result, file: str) -> Result:
     return replace(result, error=(kind, f"{where}: {message}"))
 
 
-def _stop_admitting(engine: Engine) -> None:
-    """Drop the requests still waiting in the engine (not started): a resumed run does them."""
-    engine.scheduler.waiting.clear()
-
-
 def _count(summary: RunSummary, failed: bool) -> None:
     summary.requests += 1
     summary.failed += failed
@@ -388,19 +400,20 @@ def _count(summary: RunSummary, failed: bool) -> None:
 
 
 def _finish_summary(engine: Engine, summary: RunSummary) -> None:
-    st = engine.stats
-    summary.prompt_tokens = st.prompt_tokens
+    c = engine.counters()
+    summary.prompt_tokens = c.prompt_tokens
     summary.tokens_per_second = summary.completion_tokens / max(summary.wall_seconds, 1e-9)
-    summary.per_adapter = dict(sorted(st.per_adapter.items()))
-    summary.adapter_disk_loads = engine.store.stats.disk_loads
-    summary.adapter_cpu_hits = engine.store.stats.cpu_hits
-    summary.slot_activations = engine.slots.stats.activations
-    summary.slot_evictions = engine.slots.stats.evictions
-    summary.preemptions = engine.scheduler.preemptions
-    summary.steps = st.steps
-    summary.oom_backoffs = st.oom_backoffs
-    summary.slots = engine.resizer.report()
-    summary.merges = engine.merger.report()
+    summary.per_adapter = dict(sorted(c.per_adapter.items()))
+    summary.adapter_disk_loads = c.disk_loads
+    summary.adapter_cpu_hits = c.cpu_hits
+    summary.slot_activations = c.slot_activations
+    summary.slot_evictions = c.slot_evictions
+    summary.preemptions = c.preemptions
+    summary.steps = c.steps
+    summary.oom_backoffs = c.oom_backoffs
+    reports = engine.reports()
+    summary.slots, summary.merges = reports["slots"], reports["merges"]
+    summary.cluster = reports.get("cluster", {})
 
 
 def summary_line(summary: RunSummary, output: str) -> str:
@@ -426,3 +439,14 @@ def stop_message(summary: RunSummary, output: str, command: str) -> str:
         return text + "\nresults went to stdout: to be able to resume, write them to a file with -o"
     return (text + f"\nevery finished result is in {output}; to finish the run, rerun the same command:"
             f"\n  {command}")
+
+
+def worker_lines(cluster: dict) -> str:
+    """What `loracli run --ray` prints per worker at the end."""
+    lines = [f"{cluster['routing']} routing over {cluster['workers']} Ray workers: "
+             f"{cluster['adapters_loaded']} adapter loads, {cluster['resent']} requests re-sent"]
+    for w in cluster["per_worker"]:
+        state = "" if w["alive"] else f" (failed: {w['error']})"
+        lines.append(f"  worker {w['worker']}: {w['requests']} requests, {w['adapters_loaded']} adapters loaded, "
+                     f"{w['swaps']} slot swaps{state}")
+    return "\n".join(lines)

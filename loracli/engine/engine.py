@@ -67,6 +67,30 @@ class RunStats:
     oom_backoffs: int = 0
 
 
+@dataclass
+class Counters:
+    """What one engine did so far, summed over engines by a pool of workers (`cluster/pool.py`)."""
+
+    prompt_tokens: int = 0
+    steps: int = 0
+    oom_backoffs: int = 0
+    preemptions: int = 0
+    disk_loads: int = 0  # adapters read from disk into the CPU cache
+    disk_bytes: int = 0
+    cpu_hits: int = 0
+    slot_activations: int = 0  # adapters written into a device slot (swaps in)
+    slot_evictions: int = 0
+    per_adapter: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: Counters) -> None:
+        for name, value in vars(other).items():
+            if name == "per_adapter":
+                for key, n in value.items():
+                    self.per_adapter[key] = self.per_adapter.get(key, 0) + n
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
@@ -177,6 +201,48 @@ class Engine:
     @property
     def base_names(self) -> frozenset[str]:
         return frozenset({self.model_name, self.model_folder.name, "base"})
+
+    def preflight(self, req: Request) -> str | None:
+        """Why `add_request` would refuse `req` (for --strict), or None."""
+        if req.adapter is not None and not self.store.has(req.adapter):
+            return f"field 'adapter': unknown adapter {req.adapter!r}"
+        try:
+            n = len(self.tokenize(req))
+        except Exception as e:  # noqa: BLE001 - as add_request: a tokenizer failure is this record's problem
+            return f"cannot tokenize: {type(e).__name__}: {e}"
+        if n >= self.max_model_len:
+            return f"field 'prompt': {n} tokens; the context is {self.max_model_len}"
+        max_tokens = req.params.get("max_tokens")
+        if max_tokens is not None and n + max_tokens > self.max_model_len:
+            return (f"field 'max_tokens': {max_tokens} + prompt {n} tokens exceed the context of "
+                    f"{self.max_model_len}")
+        return None
+
+    def preflight_many(self, reqs: list[Request]) -> list[str | None]:
+        return [self.preflight(r) for r in reqs]
+
+    def counters(self) -> Counters:
+        st, store, slots = self.stats, self.store.stats, self.slots.stats
+        return Counters(st.prompt_tokens, st.steps, st.oom_backoffs, self.scheduler.preemptions,
+                        store.disk_loads, store.disk_bytes, store.cpu_hits, slots.activations, slots.evictions,
+                        dict(st.per_adapter))
+
+    def reports(self) -> dict:
+        """The slot and merge reports of `--stats` (timelines, swap times, memory split)."""
+        return {"slots": self.resizer.report(), "merges": self.merger.report()}
+
+    def residency(self) -> str:
+        """Progress text: adapters in slots / slots."""
+        return f"{len(self.slots.resident())}/{self.slots.n_slots}"
+
+    def stop_admitting(self) -> list[str]:
+        """Drop the requests still waiting (not started): a resumed run does them. Returns their ids."""
+        dropped = [seq.request_id for seq in self.scheduler.waiting]
+        for seq in self.scheduler.waiting:
+            self._arrivals.pop(seq.seq_id, None)
+            self.generators.pop(seq.seq_id, None)
+        self.scheduler.waiting.clear()
+        return dropped
 
     def _ensure_adapter(self, name: str) -> str | None:
         try:
