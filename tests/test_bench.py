@@ -17,7 +17,7 @@ from loracli.bench import BenchOptions, plot, run_bench
 from loracli.bench.report import check_outputs, percentile, summarize
 from loracli.bench.roofline import flops_per_token
 from loracli.bench.run import busy_note
-from loracli.bench.systems import KINDS, Measurement, Record, lora_rank_limit, parse_system, parse_systems
+from loracli.bench.systems import ALL_KINDS, Measurement, Record, lora_rank_limit, parse_system, parse_systems
 from loracli.bench.workload import (
     BenchRequest,
     Distribution,
@@ -174,10 +174,14 @@ def test_system_names():
     spec = parse_system("loracli:max-loras=4:max-num-seqs=16")
     assert spec.kind == "loracli" and dict(spec.overrides) == {"max_loras": 4, "max_num_seqs": 16}
     assert dict(parse_system("loracli:max-cpu-loras=none").overrides) == {"max_cpu_loras": None}
-    assert [s.name for s in parse_systems("all")] == list(KINDS)
+    assert [s.name for s in parse_systems("all")] == list(ALL_KINDS)
     assert [s.name for s in parse_systems("loracli,base,loracli")] == ["loracli", "base"]
+    ray = parse_system("loracli-ray:workers=2:routing=round-robin:max-loras=4:worker-cpus=0.5")
+    assert dict(ray.cluster) == {"workers": 2, "routing": "round-robin", "worker_cpus": 0.5}
+    assert dict(ray.overrides) == {"max_loras": 4}
     for bad in ("loracli:nope=1", "loracli:max-loras=0", "loracli:max-loras=x", "loracli:model=x",
-                "peft-mixed:max-loras=2", "tgi", "loracli:max-loras"):
+                "peft-mixed:max-loras=2", "tgi", "loracli:max-loras", "loracli:workers=2",
+                "loracli-ray:workers=0", "loracli-ray:routing=random", "loracli-ray:workers=x"):
         with pytest.raises(ConfigError):
             parse_system(bad)
     assert lora_rank_limit(16) == 64 and lora_rank_limit(100) == 128
@@ -232,7 +236,7 @@ def test_every_system_in_process_with_phases(llama_dir, tmp_path):
     report = run_bench(options)
     point = report.points[0]
     by_name = {s.name: s for s in point.systems}
-    assert list(by_name) == [*KINDS, "loracli:max-loras=1"]
+    assert list(by_name) == [*ALL_KINDS, "loracli:max-loras=1"]
     assert point.workload["requests"] == 7
     for name, s in by_name.items():
         if name == "vllm":

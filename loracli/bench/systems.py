@@ -37,7 +37,9 @@ from ..config import EngineConfig
 from ..errors import ConfigError
 from ..sizes import parse_bytes
 
-KINDS = ("loracli", "peft-mixed", "peft-grouped", "merged-swap", "base", "vllm")
+KINDS = ("loracli", "peft-mixed", "peft-grouped", "merged-swap", "base", "vllm", "loracli-ray")
+ALL_KINDS = KINDS[:-1]  # `all`: loracli-ray needs Ray and starts a local Ray instance, so it is asked for by name
+CLUSTER_FIELDS = ("workers", "worker_cpus", "worker_gpus", "routing")  # loracli-ray settings of ClusterOptions
 BASE_ADAPTER = "__base__"
 FIXED_ENGINE_FIELDS = ("model", "adapters_dir", "dtype", "device")
 BYTE_FIELDS = ("memory_budget", "kv_cache_memory")  # take sizes such as 512MiB
@@ -49,6 +51,7 @@ class SystemSpec:
     name: str  # as written, e.g. "loracli:max-loras=4"
     kind: str
     overrides: tuple[tuple[str, object], ...] = ()  # EngineConfig field -> value (loracli only)
+    cluster: tuple[tuple[str, object], ...] = ()  # ClusterOptions field -> value (loracli-ray only)
 
 
 def _engine_value(key: str, raw: str) -> tuple[str, object]:
@@ -82,16 +85,32 @@ def parse_system(text: str) -> SystemSpec:
         raise ConfigError(f"--systems: unknown system {name!r} (known: {', '.join(KINDS)}, all, loracli:KEY=VALUE)")
     if not rest:
         return SystemSpec(name, kind)
-    if kind != "loracli":
-        raise ConfigError(f"--systems: only loracli takes settings, got {name!r}")
-    overrides = []
+    if kind not in ("loracli", "loracli-ray"):
+        raise ConfigError(f"--systems: only loracli and loracli-ray take settings, got {name!r}")
+    overrides, cluster = [], []
     for item in rest.split(":"):
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(f"--systems: expected KEY=VALUE after 'loracli:', got {item!r}")
-        overrides.append(_engine_value(key, value))
+            raise ConfigError(f"--systems: expected KEY=VALUE after '{kind}:', got {item!r}")
+        field_name = key.strip().replace("-", "_")
+        if kind == "loracli-ray" and field_name in CLUSTER_FIELDS:
+            cluster.append(_cluster_value(field_name, value))
+        else:
+            overrides.append(_engine_value(key, value))
     EngineConfig(**dict(overrides))  # validates values with the engine's own messages
-    return SystemSpec(name, kind, tuple(overrides))
+    if cluster:
+        from ..cluster.pool import ClusterOptions
+
+        ClusterOptions(**dict(cluster))
+    return SystemSpec(name, kind, tuple(overrides), tuple(cluster))
+
+
+def _cluster_value(name: str, raw: str) -> tuple[str, object]:
+    text = raw.strip()
+    try:
+        return name, {"workers": int, "worker_cpus": float, "worker_gpus": float}.get(name, str)(text)
+    except ValueError:
+        raise ConfigError(f"--systems: {name.replace('_', '-')} must be a number, got {raw!r}") from None
 
 
 def parse_systems(text: str) -> list[SystemSpec]:
@@ -100,7 +119,7 @@ def parse_systems(text: str) -> list[SystemSpec]:
         raise ConfigError("--systems: name at least one system")
     out: list[SystemSpec] = []
     for n in names:
-        for spec in ([parse_system(k) for k in KINDS] if n == "all" else [parse_system(n)]):
+        for spec in ([parse_system(k) for k in ALL_KINDS] if n == "all" else [parse_system(n)]):
             if spec.name not in {s.name for s in out}:
                 out.append(spec)
     return out
@@ -196,15 +215,18 @@ class System:
 
 class LoracliSystem(System):
     def __init__(self, job: Job, spec: SystemSpec):
-        from ..engine.engine import Engine
-
         overrides = dict(spec.overrides)
         overrides.setdefault("max_lora_rank", job.max_lora_rank)
         self.strip = spec.kind == "base"
         self.ignore_eos = job.ignore_eos
         config = EngineConfig(model=job.model, adapters_dir=job.adapters_dir, dtype=job.dtype, device=job.device,
                               **overrides)
-        self.engine = Engine(config)
+        self.engine = self.load(config, spec)
+
+    def load(self, config: EngineConfig, spec: SystemSpec):
+        from ..engine.engine import Engine
+
+        return Engine(config)
 
     def _requests(self, requests: list[dict]):
         from ..requests import Request
@@ -213,7 +235,7 @@ class LoracliSystem(System):
         for r in requests:
             req = Request(r["id"], None if self.strip else r["adapter"], r["prompt"], r["messages"],
                           {"max_tokens": r["max_tokens"], "ignore_eos": self.ignore_eos, "temperature": 0.0})
-            if self.engine.tokenize(req) != r["ids"]:
+            if hasattr(self.engine, "tokenize") and self.engine.tokenize(req) != r["ids"]:
                 raise RuntimeError(f"request {r['id']}: the engine tokenizes the prompt differently from the bench")
             out.append(req)
         return out
@@ -240,6 +262,24 @@ class LoracliSystem(System):
         wall = time.perf_counter() - t0
         after = self.counters()
         return Timed(records, wall, {k: after[k] - before[k] for k in after})
+
+
+class LoracliRaySystem(LoracliSystem):
+    """loracli-ray[:KEY=VALUE...]: `loracli run --ray` engine replicas (a local Ray instance)."""
+
+    counters_note = "summed over the Ray workers"
+
+    def load(self, config: EngineConfig, spec: SystemSpec):
+        from ..cluster.pool import ClusterOptions, RayPool
+
+        return RayPool(config, ClusterOptions(**dict(spec.cluster)))
+
+    def counters(self) -> dict:
+        c, rep = self.engine.counters(), self.engine.cluster_report()
+        return {"steps": c.steps, "slot_activations": c.slot_activations, "slot_evictions": c.slot_evictions,
+                "disk_loads": c.disk_loads, "preemptions": c.preemptions, "resent": rep["resent"],
+                "stolen": rep["stolen"], "request_bytes": rep["request_bytes_sent"],
+                "result_bytes": rep["result_bytes_received"], "adapter_bytes": rep["adapter_bytes_read"]}
 
 
 class FirstStep:
@@ -451,6 +491,8 @@ def build_system(job: Job) -> System:
     spec = parse_system(job.system)
     if spec.kind in ("loracli", "base"):
         return LoracliSystem(job, spec)
+    if spec.kind == "loracli-ray":
+        return LoracliRaySystem(job, spec)
     builders = {"peft-mixed": PeftMixedSystem, "peft-grouped": PeftGroupedSystem, "merged-swap": MergedSwapSystem,
                 "vllm": VllmSystem}
     return builders[spec.kind](job)

@@ -13,8 +13,9 @@ Contract:
 - Each worker (`worker.EngineWorker`) loads the base model once and reads adapters from the
   adapters folder, resolved to an absolute path that every node must see.
 - Requests are routed (`routing.py`: adapter affinity, or round-robin) in chunks: a worker gets
-  more whenever its call returns, up to `2 * max_num_seqs` in flight, so its batch stays full.
-  The driver reads the input ahead by at most `workers * 2 * max_num_seqs` requests.
+  more whenever its call returns, up to `1.25 * max_num_seqs` in flight, so its batch stays full
+  while the backlog stays with the router. The driver reads the input ahead by at most
+  `workers * 2 * max_num_seqs` requests.
 - A worker that dies (or raises) is dropped; its unfinished requests go back to the queue and
   run on the others. Results already returned were written; a result is yielded once per id.
   If every worker dies the run stops with an error (finished results are kept: rerun resumes).
@@ -114,8 +115,10 @@ class RayPool:
         self.max_model_len = first["max_model_len"]
         self.dtype = first["dtype"]
         self.device = f"ray:{options.workers}x{first['device']}"
-        self.queue_target = 2 * config.max_num_seqs
-        self.window = options.workers * self.queue_target
+        # In flight per worker: a full batch plus a quarter to admit from as sequences finish. Kept
+        # short so the backlog stays in the router, where any worker that runs short can take it.
+        self.queue_target = config.max_num_seqs + max(1, config.max_num_seqs // 4)
+        self.window = options.workers * 2 * config.max_num_seqs
         self.router = make_router(options.routing, options.workers, min_queue=config.max_num_seqs)
         self.sent: list[dict[str, Request]] = [{} for _ in self.handles]
         self.replies: list[Reply | None] = [None] * len(self.handles)
