@@ -96,6 +96,8 @@ def run(
                                                            "has GPUs)")] = None,
     routing: Annotated[str, typer.Option(help="--ray: affinity (keep an adapter's requests on the workers "
                                               "holding it) or round-robin")] = "affinity",
+    ship_adapters: Annotated[bool, typer.Option(help="--ray: send adapter files to the workers through Ray's "
+                                                     "object store (no shared filesystem needed)")] = False,
 ) -> None:
     """Run every prompt of INPUT through the base model and its adapters; write one result per line.
 
@@ -127,7 +129,7 @@ def run(
                          exit_after_stop=True)
     if ray is not None:
         options.cluster = ClusterOptions(None if ray == LOCAL_RAY else ray, workers, worker_cpus, worker_gpus,
-                                         routing)
+                                         routing, ship_adapters)
     summary = run_file(input, output, config, defaults, console=err, options=options)
     if json_out and output != "-":
         print(json.dumps(asdict(summary)))

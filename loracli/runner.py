@@ -444,9 +444,13 @@ def stop_message(summary: RunSummary, output: str, command: str) -> str:
 def worker_lines(cluster: dict) -> str:
     """What `loracli run --ray` prints per worker at the end."""
     lines = [f"{cluster['routing']} routing over {cluster['workers']} Ray workers: "
-             f"{cluster['adapters_loaded']} adapter loads, {cluster['resent']} requests re-sent"]
+             f"{cluster['adapters_loaded']} adapter loads, {cluster['resent']} requests re-sent"
+             + (f", {cluster['adapter_bytes_shipped'] / 2**20:.1f} MiB of adapters shipped"
+                if cluster.get("ship_adapters") else "")]
     for w in cluster["per_worker"]:
         state = "" if w["alive"] else f" (failed: {w['error']})"
         lines.append(f"  worker {w['worker']}: {w['requests']} requests, {w['adapters_loaded']} adapters loaded, "
-                     f"{w['swaps']} slot swaps{state}")
+                     f"{w['swaps']} slot swaps"
+                     + (f", {w['adapters_shipped']} adapters shipped to it" if cluster.get("ship_adapters") else "")
+                     + state)
     return "\n".join(lines)

@@ -5,16 +5,19 @@ without Ray."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import ray
 from rich.console import Console
 from runs import by_key, read_output, tiny_engine, write_jsonl
 
+from loracli.bench import BenchOptions, run_bench
 from loracli.cli import optional_ray_address
 from loracli.cluster.pool import ClusterOptions, RayPool, import_ray
 from loracli.config import EngineConfig
@@ -118,19 +121,63 @@ def test_a_worker_killed_mid_run_and_every_request_answered_once(local_ray, llam
     assert sum(w["requests"] for w in cluster["per_worker"]) == 80
 
 
-def test_cli_run_with_ray_writes_the_same_file(llama_dir, many_adapters, tmp_path):
+def test_shipped_adapters_need_no_shared_folder(local_ray, llama_dir, many_adapters, tmp_path):
+    adapters = tmp_path / "adapters"
+    shutil.copytree(many_adapters, adapters)
+    (adapters / "a0" / "README.md").write_text("not needed to load: never shipped")
+    (adapters / "broken").mkdir()  # a config and no weights: the same error as a local run, naming this folder
+    shutil.copy(adapters / "a0" / "adapter_config.json", adapters / "broken")
+    records = _skewed(40) + [{"id": "bad", "prompt": "hi", "adapter": "broken"}]
+    inp = write_jsonl(tmp_path / "in.jsonl", records)
+    expected = _local_reference(llama_dir, adapters, inp, tmp_path)
+    assert str(adapters / "broken") in json.dumps(expected["bad"])
+    pool = RayPool(_config(llama_dir, adapters), ClusterOptions(workers=2, ship_adapters=True))
+    try:
+        folders = [Path(d["adapters_folder"]) for d in ray.get([h.describe.remote() for h in pool.handles])]
+        summary = _run(pool, inp, tmp_path / "out.jsonl")
+    finally:
+        pool.close()
+    assert all(f != adapters and f.name.startswith("loracli-adapters-") for f in folders)
+    assert not any(f.exists() for f in folders)  # the workers removed their copies
+    assert by_key(read_output(tmp_path / "out.jsonl")) == expected
+    cluster = summary.cluster
+    per_worker = cluster["per_worker"]
+    # Every adapter a worker was sent, it loaded once (its CPU cache holds all eight); `broken` went to one.
+    assert sum(w["adapters_shipped"] for w in per_worker) == sum(w["adapters_loaded"] for w in per_worker) + 1
+    named = {r["adapter"] for r in records} - {None}
+    files = {n: [adapters / n / "adapter_config.json", adapters / n / "adapter_model.safetensors"] for n in named}
+    size = {n: sum(f.stat().st_size for f in fs if f.exists()) for n, fs in files.items()}
+    assert cluster["adapter_bytes_read_by_driver"] == sum(size.values())  # each read once, README never
+    assert cluster["adapter_bytes_shipped"] == sum(w["adapter_bytes_shipped"] for w in per_worker)
+    assert sum(size.values()) <= cluster["adapter_bytes_shipped"] < 2 * sum(size.values())
+
+
+def test_cli_run_with_ray_and_shipped_adapters_writes_the_same_file(llama_dir, many_adapters, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", _skewed(24))
     expected = _local_reference(llama_dir, many_adapters, inp, tmp_path)
     out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
     cmd = [sys.executable, "-m", "loracli", "run", str(inp), "--model", str(llama_dir), "--adapters",
            str(many_adapters), "-o", str(out), "--max-tokens", "6", "--ignore-eos", "--dtype", "float32",
            "--device", "cpu", "--max-loras", "2", "--max-lora-rank", "16", "--max-num-seqs", "4",
-           "--max-cpu-loras", "8", "--stats", str(stats), "--ray", "--workers", "2"]
+           "--max-cpu-loras", "8", "--stats", str(stats), "--ray", "--workers", "2", "--ship-adapters"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert by_key(read_output(out)) == expected
     assert "affinity routing over 2 Ray workers" in proc.stderr
-    assert "worker 1:" in proc.stderr
+    assert "worker 1:" in proc.stderr and "MiB of adapters shipped" in proc.stderr
+    assert json.loads(stats.read_text())["cluster"]["ship_adapters"] is True
+
+
+def test_bench_measures_ray_workers_beside_one_process(local_ray, llama_dir):
+    options = BenchOptions(model=str(llama_dir), adapters="3", prompts="8", prompt_len="4-8", output_len="3",
+                           threads=1, warmup=2, roofline_seconds=0, dtype="float32", isolate=False,
+                           systems="loracli,loracli-ray:workers=2:max-loras=2")
+    by_name = {s.name: s for s in run_bench(options).points[0].systems}
+    local, remote = by_name["loracli"], by_name["loracli-ray:workers=2:max-loras=2"]
+    assert local.status == remote.status == "ok", (local.note, remote.note, remote.problems)
+    assert remote.output_tokens == local.output_tokens == 8 * 3
+    assert remote.counters["disk_loads"] >= 1 and remote.counters["request_bytes"] > 0
+    assert remote.counters["result_bytes"] > 0 and remote.counters["resent"] == 0
 
 
 def test_ray_address_is_optional_on_the_command_line():

@@ -39,7 +39,8 @@ from ..sizes import parse_bytes
 
 KINDS = ("loracli", "peft-mixed", "peft-grouped", "merged-swap", "base", "vllm", "loracli-ray")
 ALL_KINDS = KINDS[:-1]  # `all`: loracli-ray needs Ray and starts a local Ray instance, so it is asked for by name
-CLUSTER_FIELDS = ("workers", "worker_cpus", "worker_gpus", "routing")  # loracli-ray settings of ClusterOptions
+# loracli-ray settings of ClusterOptions
+CLUSTER_FIELDS = ("workers", "worker_cpus", "worker_gpus", "routing", "ship_adapters")
 BASE_ADAPTER = "__base__"
 FIXED_ENGINE_FIELDS = ("model", "adapters_dir", "dtype", "device")
 BYTE_FIELDS = ("memory_budget", "kv_cache_memory")  # take sizes such as 512MiB
@@ -107,6 +108,10 @@ def parse_system(text: str) -> SystemSpec:
 
 def _cluster_value(name: str, raw: str) -> tuple[str, object]:
     text = raw.strip()
+    if name == "ship_adapters":
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"--systems: ship-adapters must be true or false, got {raw!r}")
+        return name, text.lower() in ("true", "1")
     try:
         return name, {"workers": int, "worker_cpus": float, "worker_gpus": float}.get(name, str)(text)
     except ValueError:
@@ -212,6 +217,10 @@ class System:
     def run(self, requests: list[dict]) -> Timed:
         raise NotImplementedError
 
+    def elsewhere_rss_mib(self) -> float:
+        """Peak memory of processes other than this one the system ran in (Ray workers)."""
+        return 0.0
+
 
 class LoracliSystem(System):
     def __init__(self, job: Job, spec: SystemSpec):
@@ -279,7 +288,11 @@ class LoracliRaySystem(LoracliSystem):
         return {"steps": c.steps, "slot_activations": c.slot_activations, "slot_evictions": c.slot_evictions,
                 "disk_loads": c.disk_loads, "preemptions": c.preemptions, "resent": rep["resent"],
                 "stolen": rep["stolen"], "request_bytes": rep["request_bytes_sent"],
-                "result_bytes": rep["result_bytes_received"], "adapter_bytes": rep["adapter_bytes_read"]}
+                "result_bytes": rep["result_bytes_received"], "adapter_bytes": rep["adapter_bytes_read"],
+                "shipped_bytes": rep["adapter_bytes_shipped"]}
+
+    def elsewhere_rss_mib(self) -> float:
+        return sum(w["peak_rss_mib"] or 0.0 for w in self.engine.cluster_report()["per_worker"])
 
 
 class FirstStep:

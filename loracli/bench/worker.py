@@ -4,7 +4,8 @@ Contract: reads a `Job` (JSON), sets the torch thread count, loads the system (t
 `load_seconds`), runs a short warm-up (`warmup_requests`, not timed), then the timed run, and
 writes a `Measurement` (JSON) to OUT. Run in its own process (the default), `peak_rss_mib` is
 the process's `ru_maxrss` high-water mark and `rss_delta_mib` that peak minus the high-water mark
-after the imports, before any model was loaded: the memory the system itself needed. In-process
+after the imports, before any model was loaded: the memory the system itself needed (with
+`loracli-ray`, plus the Ray workers' peaks: they are the system's memory too). In-process
 (`measure(job, isolated=False)`, for tests) both are None. A system that raises is reported with
 `error` (a missing vllm with `skipped`), never as a crash of the benchmark. Progress goes to stderr.
 """
@@ -38,6 +39,7 @@ def measure(job: Job, isolated: bool = False) -> Measurement:
     torch.set_num_threads(job.threads)
     baseline = maxrss_mib()
     m = Measurement(job.system)
+    system = None
     try:
         t = time.perf_counter()
         system = build_system(job)
@@ -55,7 +57,8 @@ def measure(job: Job, isolated: bool = False) -> Measurement:
         m.error = f"{type(e).__name__}: {e}"
         log(traceback.format_exc())
     if isolated:
-        m.peak_rss_mib = maxrss_mib()
+        elsewhere = system.elsewhere_rss_mib() if system is not None else 0.0
+        m.peak_rss_mib = maxrss_mib() + elsewhere
         m.rss_delta_mib = m.peak_rss_mib - baseline
     return m
 

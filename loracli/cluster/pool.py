@@ -19,8 +19,11 @@ Contract:
 - A worker that dies (or raises) is dropped; its unfinished requests go back to the queue and
   run on the others. Results already returned were written; a result is yielded once per id.
   If every worker dies the run stops with an error (finished results are kept: rerun resumes).
+- `ship_adapters` (`--ship-adapters`): workers read no shared adapters folder; the driver ships
+  each adapter's files through the object store to each worker that needs it, once
+  (`shipping.py`). The model path must still resolve on every node (or be `default`).
 - Bytes moved are measured: requests sent and results received (pickled sizes), adapter bytes
-  each worker read from disk.
+  each worker read from disk, adapter bytes shipped to each worker.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..engine.sequence import SamplingParams
 from ..errors import ConfigError, InputError, LoracliError
 from ..requests import Request
 from .routing import make_router
+from .shipping import AdapterShipper
 from .worker import EngineWorker, Reply
 
 ROUTING_POLICIES = ("affinity", "round-robin")
@@ -51,6 +55,7 @@ class ClusterOptions:
     worker_cpus: float = 1.0
     worker_gpus: float | None = None  # None: 1 when the cluster has GPUs and --device is not cpu
     routing: str = "affinity"
+    ship_adapters: bool = False  # send adapter files through the object store: no shared folder needed
 
     def __post_init__(self) -> None:
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -101,8 +106,10 @@ class RayPool:
         self._check_fits(gpus)
         threads = max(1, math.floor(options.worker_cpus))
         actor = ray.remote(EngineWorker).options(num_cpus=options.worker_cpus, num_gpus=gpus, max_restarts=0)
+        self.shipper = self._shipper()
+        names = sorted(self.shipper.names) if self.shipper else None
         t0 = time.perf_counter()
-        self.handles = [actor.remote(_absolute(config), threads) for _ in range(options.workers)]
+        self.handles = [actor.remote(_absolute(config), threads, names) for _ in range(options.workers)]
         try:
             described = ray.get([h.describe.remote() for h in self.handles])
         except Exception as e:  # noqa: BLE001 - a worker that cannot start: one line with the cause
@@ -142,6 +149,14 @@ class RayPool:
         except Exception as e:  # noqa: BLE001 - an unreachable cluster: one line
             raise ClusterError(f"--ray {o.address or ''}: cannot start or reach Ray: {_cause(e)}") from None
 
+    def _shipper(self) -> AdapterShipper | None:
+        if not (self.options.ship_adapters and self.config.adapters_dir):
+            return None
+        folder = Path(self.config.adapters_dir).resolve()
+        if not folder.is_dir():
+            raise ConfigError(f"--adapters: {folder} is not a folder")
+        return AdapterShipper(self.ray, folder, self.options.workers)
+
     def _worker_gpus(self) -> float:
         if self.options.worker_gpus is not None:
             return self.options.worker_gpus
@@ -157,7 +172,15 @@ class RayPool:
                                    f"the Ray cluster has {have.get(name, 0):g}")
 
     def close(self) -> None:
-        for h in getattr(self, "handles", []):
+        handles = getattr(self, "handles", [])
+        if getattr(self, "shipper", None) is not None:  # workers remove their copies of the adapters
+            router = getattr(self, "router", None)
+            done = [h.close.remote() for w, h in enumerate(handles) if router is None or router.workers[w].alive]
+            try:
+                self.ray.get(done, timeout=30)
+            except Exception:  # noqa: BLE001 - a worker gone already: nothing more to clean
+                pass
+        for h in handles:
             self.ray.kill(h)
         self.handles = []
         if self.owns_ray and self.ray.is_initialized():
@@ -226,7 +249,8 @@ class RayPool:
             for req in new:
                 self.sent[w][req.id] = req
             self.request_bytes += len(pickle.dumps(new, protocol=5))
-            calls[self.handles[w].work.remote(new, defaults, self.stopping)] = w
+            adapters = self.shipper.ship(w, {r.adapter for r in new if r.adapter}) if self.shipper else None
+            calls[self.handles[w].work.remote(new, defaults, self.stopping, adapters)] = w
 
     def _absorb(self, w: int, reply: Reply) -> Iterator[Result]:
         self.replies[w] = reply
@@ -278,10 +302,16 @@ class RayPool:
                                "requests": self.answered[w], "sent": state.sent,
                                "adapters_loaded": c.disk_loads, "adapter_bytes_read": c.disk_bytes,
                                "swaps": c.slot_activations, "slot_evictions": c.slot_evictions,
+                               "peak_rss_mib": round(reply.peak_rss_mib, 1) if reply else None,
+                               "adapters_shipped": len(self.shipper.sent[w]) if self.shipper else 0,
+                               "adapter_bytes_shipped": self.shipper.bytes_sent[w] if self.shipper else 0,
                                "holds": reply.holds if reply else []})
         return {"workers": len(self.handles), "routing": self.options.routing, "address": self.options.address,
                 "resent": self.router.resent, "stolen": getattr(self.router, "stolen", 0),
                 "starved": getattr(self.router, "starved", 0), "request_bytes_sent": self.request_bytes,
                 "result_bytes_received": self.result_bytes,
                 "adapter_bytes_read": sum(p["adapter_bytes_read"] for p in per_worker),
+                "ship_adapters": self.shipper is not None,
+                "adapter_bytes_shipped": sum(p["adapter_bytes_shipped"] for p in per_worker),
+                "adapter_bytes_read_by_driver": self.shipper.bytes_read if self.shipper else 0,
                 "adapters_loaded": sum(p["adapters_loaded"] for p in per_worker), "per_worker": per_worker}

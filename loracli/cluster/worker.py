@@ -10,10 +10,14 @@ Contract:
   left, and returns a `Reply`: the finished results without their `request` (the driver holds
   it), the engine's counters and what the worker holds (adapters in slots or its CPU cache).
 - `work(..., stop=True)` first drops the requests not yet started (`Reply.dropped`).
+- With `shipped_names` (`--ship-adapters`) the worker reads no shared folder: it loads adapters
+  from a local `shipping.AdapterInbox` that `work(..., adapters=...)` fills with the object-store
+  references the driver sends before the requests that need them.
 """
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass, field, replace
 
@@ -23,6 +27,7 @@ from ..config import EngineConfig
 from ..engine.engine import Counters, Engine, Result
 from ..engine.sequence import SamplingParams
 from ..requests import Request
+from .shipping import AdapterInbox
 
 
 @dataclass
@@ -32,25 +37,35 @@ class Reply:
     holds: list[str]  # adapters in a device slot or the CPU cache
     residency: str  # adapters in slots / slots
     dropped: list[str] = field(default_factory=list)  # ids dropped by stop=True
+    peak_rss_mib: float = 0.0  # the worker process's resident-memory high-water mark
 
 
 class EngineWorker:
-    def __init__(self, config: EngineConfig, threads: int | None = None):
+    def __init__(self, config: EngineConfig, threads: int | None = None, shipped_names: list[str] | None = None):
         if threads:
             torch.set_num_threads(threads)
+        self.inbox = None
+        if shipped_names is not None:
+            self.inbox = AdapterInbox(shipped_names, shown_as=config.adapters_dir)
+            config = replace(config, adapters_dir=str(self.inbox.folder))
         self.engine = Engine(config)
 
     def describe(self) -> dict:
         e = self.engine
         return {"model_name": e.model_name, "base_names": sorted(e.base_names), "device": str(e.device),
-                "dtype": str(e.dtype).replace("torch.", ""), "max_model_len": e.max_model_len}
+                "dtype": str(e.dtype).replace("torch.", ""), "max_model_len": e.max_model_len,
+                "adapters_folder": str(e.store.folder) if e.store.folder else None}
 
     def preflight_many(self, reqs: list[Request]) -> list[str | None]:
         return self.engine.preflight_many(reqs)
 
-    def work(self, new: list[Request], defaults: SamplingParams, stop: bool = False,
+    def work(self, new: list[Request], defaults: SamplingParams, stop: bool = False, adapters: dict | None = None,
              min_seconds: float = 0.1, max_seconds: float = 2.0) -> Reply:
         e = self.engine
+        if adapters:
+            import ray
+
+            self.inbox.receive(dict(zip(adapters, ray.get(list(adapters.values())), strict=True)))
         dropped = e.stop_admitting() if stop else []
         out = [r for r in (e.add_request(req, defaults) for req in new) if r is not None]
         t0 = time.perf_counter()
@@ -60,7 +75,19 @@ class EngineWorker:
             if (out and elapsed >= min_seconds) or elapsed >= max_seconds:
                 break
         holds = sorted(set(e.slots.resident()) | set(e.store.cache))
-        return Reply([replace(r, request=None) for r in out], e.counters(), holds, e.residency(), dropped)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return Reply([self._shown(r) for r in out], e.counters(), holds, e.residency(), dropped, peak)
+
+    def _shown(self, r: Result) -> Result:
+        """The result as sent back: without its request, errors naming the driver's adapters folder."""
+        error = r.error
+        if error is not None and self.inbox is not None:
+            error = (error[0], self.inbox.shown(error[1]))
+        return replace(r, request=None, error=error)
 
     def reports(self) -> dict:
         return self.engine.reports()
+
+    def close(self) -> None:
+        if self.inbox is not None:
+            self.inbox.close()

@@ -1,0 +1,84 @@
+"""Adapter shipping for `loracli run --ray --ship-adapters`: clusters without a shared filesystem.
+
+Contract:
+- The driver (`AdapterShipper`) reads an adapter's files (its `adapter_config.json` and the weights
+  file loading reads, nothing else) the first time some worker needs it, puts them in Ray's object
+  store once (`ray.put`) and hands the same reference to every worker that needs it. It never
+  reads an adapter no request names.
+- `ship(worker, names)` returns the references `worker` still lacks and records them as sent: an
+  adapter goes to a worker at most once per run (a worker keeps what it received on its disk).
+- A worker (`AdapterInbox`) starts with an empty local folder holding one empty subfolder per
+  adapter name (so names are known before any bytes arrive) and writes what it receives there;
+  its engine then loads adapters from that folder as from any other. Error messages name the
+  driver's folder, not the worker's copy.
+- Bytes are counted: `bytes_read` (driver disk reads), per-worker `sent`/`bytes_sent`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..adapters import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
+
+
+def adapter_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def adapter_files(folder: Path) -> dict[str, bytes]:
+    """The files of one adapter folder that loading reads (the pickle only when there are no safetensors);
+    missing ones are left out, and loading on the worker says so."""
+    weights = SAFETENSORS_NAME if (folder / SAFETENSORS_NAME).is_file() else PICKLE_NAME
+    return {name: (folder / name).read_bytes() for name in (CONFIG_NAME, weights) if (folder / name).is_file()}
+
+
+class AdapterShipper:
+    def __init__(self, ray, folder: Path, workers: int):
+        self.ray, self.folder = ray, folder
+        self.names = frozenset(adapter_names(folder))
+        self.refs: dict[str, tuple[object, int]] = {}  # name -> (ObjectRef, bytes)
+        self.bytes_read = 0
+        self.sent: list[set[str]] = [set() for _ in range(workers)]
+        self.bytes_sent = [0] * workers
+
+    def ship(self, worker: int, names: set[str]) -> dict[str, object]:
+        """References to the adapters in `names` that `worker` has not been sent yet (unknown names skipped)."""
+        out = {}
+        for name in sorted((names & self.names) - self.sent[worker]):
+            ref, size = self._ref(name)
+            out[name] = ref
+            self.sent[worker].add(name)
+            self.bytes_sent[worker] += size
+        return out
+
+    def _ref(self, name: str) -> tuple[object, int]:
+        if name not in self.refs:
+            files = adapter_files(self.folder / name)
+            size = sum(len(b) for b in files.values())
+            self.bytes_read += size
+            self.refs[name] = (self.ray.put(files), size)
+        return self.refs[name]
+
+
+class AdapterInbox:
+    """A worker's local adapters folder, filled by what the driver ships."""
+
+    def __init__(self, names: list[str], shown_as: str):
+        self.folder = Path(tempfile.mkdtemp(prefix="loracli-adapters-"))
+        self.shown_as = shown_as
+        for name in names:
+            (self.folder / name).mkdir()
+
+    def receive(self, adapters: dict[str, dict[str, bytes]]) -> None:
+        for name, files in adapters.items():
+            for filename, data in files.items():
+                (self.folder / name / filename).write_bytes(data)
+
+    def shown(self, message: str) -> str:
+        """`message` naming the driver's folder instead of this copy."""
+        return message.replace(str(self.folder), self.shown_as)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
