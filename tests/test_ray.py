@@ -6,10 +6,13 @@ without Ray."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from runs import by_key, read_output, tiny_engine, write_jsonl
 
 from loracli.bench import BenchOptions, run_bench
 from loracli.cli import optional_ray_address
-from loracli.cluster.pool import ClusterOptions, RayPool, import_ray
+from loracli.cluster.pool import ClusterError, ClusterOptions, RayPool, import_ray
 from loracli.config import EngineConfig
 from loracli.engine.sequence import SamplingParams
 from loracli.errors import ConfigError
@@ -131,7 +134,7 @@ def test_shipped_adapters_need_no_shared_folder(local_ray, llama_dir, many_adapt
     inp = write_jsonl(tmp_path / "in.jsonl", records)
     expected = _local_reference(llama_dir, adapters, inp, tmp_path)
     assert str(adapters / "broken") in json.dumps(expected["bad"])
-    pool = RayPool(_config(llama_dir, adapters), ClusterOptions(workers=2, ship_adapters=True))
+    pool = RayPool(_config(llama_dir, adapters, pinned=("a0",)), ClusterOptions(workers=2, ship_adapters=True))
     try:
         folders = [Path(d["adapters_folder"]) for d in ray.get([h.describe.remote() for h in pool.handles])]
         summary = _run(pool, inp, tmp_path / "out.jsonl")
@@ -150,6 +153,49 @@ def test_shipped_adapters_need_no_shared_folder(local_ray, llama_dir, many_adapt
     assert cluster["adapter_bytes_read_by_driver"] == sum(size.values())  # each read once, README never
     assert cluster["adapter_bytes_shipped"] == sum(w["adapter_bytes_shipped"] for w in per_worker)
     assert sum(size.values()) <= cluster["adapter_bytes_shipped"] < 2 * sum(size.values())
+    assert all(w["adapters_shipped"] >= 1 and "a0" in w["holds"] for w in per_worker)  # pinned: sent at start
+
+
+def test_a_broken_pinned_adapter_stops_the_start_naming_the_drivers_folder(local_ray, llama_dir, many_adapters,
+                                                                           tmp_path):
+    adapters = tmp_path / "adapters"
+    shutil.copytree(many_adapters, adapters)
+    (adapters / "a1" / "adapter_model.safetensors").unlink()
+    config = _config(llama_dir, adapters, pinned=("a1",))
+    with pytest.raises(ClusterError, match="a Ray worker failed to start") as e:
+        RayPool(config, ClusterOptions(workers=2, ship_adapters=True))
+    assert str(adapters / "a1") in str(e.value) and "loracli-adapters-" not in str(e.value)
+    assert not list(Path(tempfile.gettempdir()).glob("loracli-adapters-*"))  # no copy left behind
+
+
+def test_ctrl_c_under_ray_keeps_finished_results_and_a_rerun_completes(local_ray, llama_dir, many_adapters,
+                                                                        tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", _skewed(64))
+    expected = _local_reference(llama_dir, many_adapters, inp, tmp_path)
+    out = tmp_path / "out.jsonl"
+    pool = RayPool(_config(llama_dir, many_adapters), ClusterOptions(workers=2))
+    signalled = []
+
+    def ctrl_c(w, reply):
+        if reply.results and not signalled:
+            signalled.append(w)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    pool.on_reply = ctrl_c
+    try:
+        first = _run(pool, inp, out)
+    finally:
+        pool.close()
+    assert first.interrupted == signal.SIGINT
+    partial = by_key(read_output(out))
+    assert 0 < len(partial) < 64 and all(expected[k] == v for k, v in partial.items())
+    pool = RayPool(_config(llama_dir, many_adapters), ClusterOptions(workers=2))
+    try:
+        second = _run(pool, inp, out)
+    finally:
+        pool.close()
+    assert second.interrupted is None and second.requests == 64 - len(partial)
+    assert by_key(read_output(out)) == expected  # each id once
 
 
 def test_cli_run_with_ray_and_shipped_adapters_writes_the_same_file(llama_dir, many_adapters, tmp_path):

@@ -8,14 +8,14 @@ output.
 Contract:
 - Ray is optional: without it, a `ConfigError` says how to install it. `address` None starts a
   local Ray instance (sized so the workers fit: never a silent wait for resources); otherwise
-  it connects to that cluster (`auto`, `host:port`, `ray://host:10001`) and checks the workers
-  fit in its resources first.
+  it connects to that cluster (`auto`, `host:port`, `ray://host:10001`) and checks the cluster
+  has the CPUs/GPUs the workers ask for in total (if others use them, the workers wait for room).
 - Each worker (`worker.EngineWorker`) loads the base model once and reads adapters from the
   adapters folder, resolved to an absolute path that every node must see.
 - Requests are routed (`routing.py`: adapter affinity, or round-robin) in chunks: a worker gets
   more whenever its call returns, up to `1.25 * max_num_seqs` in flight, so its batch stays full
-  while the backlog stays with the router. The driver reads the input ahead by at most
-  `workers * 2 * max_num_seqs` requests.
+  while the backlog stays with the router. The driver reads the input ahead while fewer than
+  `workers * 2 * max_num_seqs` requests wait in the router (those in flight come on top).
 - A worker that dies (or raises) is dropped; its unfinished requests go back to the queue and
   run on the others. Results already returned were written; a result is yielded once per id.
   If every worker dies the run stops with an error (finished results are kept: rerun resumes).
@@ -99,23 +99,17 @@ class RayPool:
     def __init__(self, config: EngineConfig, options: ClusterOptions, log: Callable[[str], None] = lambda m: None):
         ray = self.ray = import_ray()
         self.config, self.options, self.log = config, options, log
+        self.shipper: AdapterShipper | None = None
+        self.handles: list = []
+        folder = self._shipped_folder()  # before Ray starts: a bad option leaves nothing running
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
             self._init_ray()
-        gpus = self._worker_gpus()
-        self._check_fits(gpus)
-        threads = max(1, math.floor(options.worker_cpus))
-        actor = ray.remote(EngineWorker).options(num_cpus=options.worker_cpus, num_gpus=gpus, max_restarts=0)
-        self.shipper = self._shipper()
-        names = sorted(self.shipper.names) if self.shipper else None
-        t0 = time.perf_counter()
-        self.handles = [actor.remote(_absolute(config), threads, names) for _ in range(options.workers)]
         try:
-            described = ray.get([h.describe.remote() for h in self.handles])
-        except Exception as e:  # noqa: BLE001 - a worker that cannot start: one line with the cause
+            described = self._start_workers(folder)
+        except BaseException:
             self.close()
-            raise ClusterError(f"a Ray worker failed to start: {_cause(e)}") from None
-        log(f"{options.workers} Ray workers ready in {time.perf_counter() - t0:.1f}s")
+            raise
         first = described[0]
         self.model_name = first["model_name"]
         self.base_names = frozenset(first["base_names"])
@@ -126,7 +120,8 @@ class RayPool:
         # short so the backlog stays in the router, where any worker that runs short can take it.
         self.queue_target = config.max_num_seqs + max(1, config.max_num_seqs // 4)
         self.window = options.workers * 2 * config.max_num_seqs
-        self.router = make_router(options.routing, options.workers, min_queue=config.max_num_seqs)
+        self.router = make_router(options.routing, options.workers, min_queue=config.max_num_seqs,
+                                  max_waited=2 * self.window)
         self.sent: list[dict[str, Request]] = [{} for _ in self.handles]
         self.replies: list[Reply | None] = [None] * len(self.handles)
         self.answered = [0] * len(self.handles)
@@ -149,13 +144,36 @@ class RayPool:
         except Exception as e:  # noqa: BLE001 - an unreachable cluster: one line
             raise ClusterError(f"--ray {o.address or ''}: cannot start or reach Ray: {_cause(e)}") from None
 
-    def _shipper(self) -> AdapterShipper | None:
+    def _shipped_folder(self) -> Path | None:
         if not (self.options.ship_adapters and self.config.adapters_dir):
             return None
         folder = Path(self.config.adapters_dir).resolve()
         if not folder.is_dir():
             raise ConfigError(f"--adapters: {folder} is not a folder")
-        return AdapterShipper(self.ray, folder, self.options.workers)
+        return folder
+
+    def _start_workers(self, shipped_folder: Path | None) -> list[dict]:
+        """Start the actors; with shipping, each gets the adapter names and the pinned adapters' files."""
+        o, ray = self.options, self.ray
+        gpus = self._worker_gpus()
+        self._check_fits(gpus)
+        threads = max(1, math.floor(o.worker_cpus))
+        actor = ray.remote(EngineWorker).options(num_cpus=o.worker_cpus, num_gpus=gpus, max_restarts=0)
+        names = None
+        if shipped_folder is not None:
+            self.shipper = AdapterShipper(ray, shipped_folder, o.workers)
+            names = sorted(self.shipper.names)
+        config = _absolute(self.config)
+        t0 = time.perf_counter()
+        for w in range(o.workers):
+            pinned = self.shipper.ship(w, set(config.pinned)) if self.shipper else None
+            self.handles.append(actor.remote(config, threads, names, pinned))
+        try:
+            described = ray.get([h.describe.remote() for h in self.handles])
+        except Exception as e:  # noqa: BLE001 - a worker that cannot start: one line with the cause
+            raise ClusterError(f"a Ray worker failed to start: {_cause(e)}") from None
+        self.log(f"{o.workers} Ray workers ready in {time.perf_counter() - t0:.1f}s")
+        return described
 
     def _worker_gpus(self) -> float:
         if self.options.worker_gpus is not None:
@@ -172,15 +190,10 @@ class RayPool:
                                    f"the Ray cluster has {have.get(name, 0):g}")
 
     def close(self) -> None:
-        handles = getattr(self, "handles", [])
-        if getattr(self, "shipper", None) is not None:  # workers remove their copies of the adapters
-            router = getattr(self, "router", None)
-            done = [h.close.remote() for w, h in enumerate(handles) if router is None or router.workers[w].alive]
-            try:
-                self.ray.get(done, timeout=30)
-            except Exception:  # noqa: BLE001 - a worker gone already: nothing more to clean
-                pass
-        for h in handles:
+        """Workers remove their adapter copies (a few seconds at most), then every actor is killed."""
+        if self.shipper is not None and self.handles:
+            self.ray.wait([h.close.remote() for h in self.handles], num_returns=len(self.handles), timeout=30)
+        for h in self.handles:
             self.ray.kill(h)
         self.handles = []
         if self.owns_ray and self.ray.is_initialized():
@@ -271,12 +284,13 @@ class RayPool:
         self.errors[w] = _cause(error)
         lost = list(self.sent[w].values())
         self.sent[w] = {}
-        self.ray.kill(self.handles[w])
+        self.handles[w].close.remote()  # if it still runs: remove its adapter copies, then exit
+        self.handles[w].__ray_terminate__.remote()
         self.router.lose(w, [] if self.stopping else lost)
         live = self.router.live()
         self.log(f"Ray worker {w} failed ({self.errors[w]}); {len(lost)} requests "
                  f"{'dropped (stopping)' if self.stopping else 'sent to the others'}; {len(live)} left")
-        if not live:
+        if not live and not self.stopping:  # stopping: what was lost is run by the resumed run
             raise ClusterError(f"all {len(self.handles)} Ray workers failed; the last: {self.errors[w]} "
                                "(finished results are kept: rerun the same command to resume)")
 

@@ -7,7 +7,9 @@ back the requests of a worker that died (`lose`). Requests are anything with `.i
 (`None` = the base model, which every worker holds).
 
 `AffinityRouter.take(w, room)` fills up to `room` places for worker `w`, in this order:
-1. Starvation guard: a request passed over by `max_passes` takes goes first, whatever its adapter.
+1. Starvation guard: a request that has waited while `max_waited` others were sent (to any
+   worker) goes first, oldest first, whatever its adapter. The pool sets `max_waited` to twice its
+   read-ahead window, about twice the wait first-come-first-served would give it.
 2. Assignment: every adapter with pending requests that no live worker holds is assigned to the
    live worker holding the fewest adapters (ties: fewest in flight, then lowest index): adapters
    are spread over workers before any is duplicated.
@@ -33,7 +35,7 @@ from typing import Any
 @dataclass
 class _Pending:
     order: int  # arrival number, for oldest-first
-    passes: int  # takes that went by without taking it
+    sent_mark: int  # the router's send count when it was queued
     req: Any
 
 
@@ -53,6 +55,7 @@ class Router:
             raise ValueError("a router needs at least one worker")
         self.workers = [WorkerState() for _ in range(n_workers)]
         self.resent = 0  # requests sent again after their worker died
+        self.sent_total = 0  # requests sent to any worker, re-sends included
         self._order = 0
 
     def live(self) -> list[int]:
@@ -87,6 +90,7 @@ class Router:
             if req.adapter is not None:
                 state.held.add(req.adapter)
         state.sent += len(reqs)
+        self.sent_total += len(reqs)
         return reqs
 
     def _next_order(self) -> int:
@@ -101,23 +105,23 @@ class Router:
 
 
 class AffinityRouter(Router):
-    def __init__(self, n_workers: int, *, min_queue: int, max_passes: int = 16):
+    def __init__(self, n_workers: int, *, min_queue: int, max_waited: int = 256):
         super().__init__(n_workers)
         self.min_queue = min_queue
-        self.max_passes = max_passes
+        self.max_waited = max_waited
         self.queues: dict[str | None, deque[_Pending]] = {}
         self.stolen = 0  # requests taken by the balance rule (for an adapter another worker held)
         self.starved = 0  # requests taken by the starvation guard
 
     def add(self, req: Any) -> None:
-        self.queues.setdefault(req.adapter, deque()).append(_Pending(self._next_order(), 0, req))
+        self.queues.setdefault(req.adapter, deque()).append(_Pending(self._next_order(), self.sent_total, req))
 
     def pending(self) -> int:
         return sum(len(q) for q in self.queues.values())
 
     def _requeue(self, reqs: list[Any]) -> None:
         for req in reversed(reqs):  # to the front, keeping their order, with the oldest numbers
-            self.queues.setdefault(req.adapter, deque()).appendleft(_Pending(-self._next_order(), 0, req))
+            self.queues.setdefault(req.adapter, deque()).appendleft(_Pending(-self._next_order(), self.sent_total, req))
 
     def take(self, w: int, room: int) -> list[Any]:
         if room <= 0 or not self.workers[w].alive or not self.pending():
@@ -133,14 +137,11 @@ class AffinityRouter(Router):
                 got = self._pop(adapter, short - len(out))
                 self.stolen += len(got)
                 out += got
-        for q in self.queues.values():
-            for p in q:
-                p.passes += 1
         self.queues = {a: q for a, q in self.queues.items() if q}
         return self._sent(w, out)
 
     def _starving(self, room: int) -> list[Any]:
-        old = sorted((p for q in self.queues.values() for p in q if p.passes >= self.max_passes),
+        old = sorted((p for q in self.queues.values() for p in q if self.sent_total - p.sent_mark >= self.max_waited),
                      key=lambda p: p.order)[:room]
         for p in old:
             self.queues[p.req.adapter].remove(p)
@@ -198,9 +199,9 @@ class RoundRobinRouter(Router):
         return self._sent(w, [q.popleft() for _ in range(min(room, len(q)))])
 
 
-def make_router(policy: str, n_workers: int, *, min_queue: int) -> Router:
+def make_router(policy: str, n_workers: int, *, min_queue: int, max_waited: int = 256) -> Router:
     if policy == "affinity":
-        return AffinityRouter(n_workers, min_queue=min_queue)
+        return AffinityRouter(n_workers, min_queue=min_queue, max_waited=max_waited)
     if policy == "round-robin":
         return RoundRobinRouter(n_workers)
     raise ValueError(f"unknown routing policy {policy!r}")

@@ -40,15 +40,32 @@ class Reply:
     peak_rss_mib: float = 0.0  # the worker process's resident-memory high-water mark
 
 
+class WorkerStartError(Exception):
+    """The engine could not start on a worker (the message names the driver's adapters folder)."""
+
+
 class EngineWorker:
-    def __init__(self, config: EngineConfig, threads: int | None = None, shipped_names: list[str] | None = None):
+    def __init__(self, config: EngineConfig, threads: int | None = None, shipped_names: list[str] | None = None,
+                 adapters: dict | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.inbox = None
-        if shipped_names is not None:
-            self.inbox = AdapterInbox(shipped_names, shown_as=config.adapters_dir)
-            config = replace(config, adapters_dir=str(self.inbox.folder))
-        self.engine = Engine(config)
+        if shipped_names is None:
+            self.engine = Engine(config)
+            return
+        self.inbox = AdapterInbox(shipped_names, shown_as=config.adapters_dir)
+        try:
+            self._receive(adapters)  # the pinned adapters: the engine loads them at start
+            self.engine = Engine(replace(config, adapters_dir=str(self.inbox.folder)))
+        except Exception as e:
+            self.inbox.close()
+            raise WorkerStartError(self.inbox.shown(f"{type(e).__name__}: {e}")) from None
+
+    def _receive(self, adapters: dict | None) -> None:
+        if adapters:
+            import ray
+
+            self.inbox.receive(dict(zip(adapters, ray.get(list(adapters.values())), strict=True)))
 
     def describe(self) -> dict:
         e = self.engine
@@ -62,10 +79,7 @@ class EngineWorker:
     def work(self, new: list[Request], defaults: SamplingParams, stop: bool = False, adapters: dict | None = None,
              min_seconds: float = 0.1, max_seconds: float = 2.0) -> Reply:
         e = self.engine
-        if adapters:
-            import ray
-
-            self.inbox.receive(dict(zip(adapters, ray.get(list(adapters.values())), strict=True)))
+        self._receive(adapters)
         dropped = e.stop_admitting() if stop else []
         out = [r for r in (e.add_request(req, defaults) for req in new) if r is not None]
         t0 = time.perf_counter()
