@@ -162,10 +162,11 @@ def test_a_broken_pinned_adapter_stops_the_start_naming_the_drivers_folder(local
     shutil.copytree(many_adapters, adapters)
     (adapters / "a1" / "adapter_model.safetensors").unlink()
     config = _config(llama_dir, adapters, pinned=("a1",))
+    copies_before = set(Path(tempfile.gettempdir()).glob("loracli-adapters-*"))
     with pytest.raises(ClusterError, match="a Ray worker failed to start") as e:
         RayPool(config, ClusterOptions(workers=2, ship_adapters=True))
     assert str(adapters / "a1") in str(e.value) and "loracli-adapters-" not in str(e.value)
-    assert not list(Path(tempfile.gettempdir()).glob("loracli-adapters-*"))  # no copy left behind
+    assert set(Path(tempfile.gettempdir()).glob("loracli-adapters-*")) == copies_before  # no copy left behind
 
 
 def test_ctrl_c_under_ray_keeps_finished_results_and_a_rerun_completes(local_ray, llama_dir, many_adapters,
@@ -215,15 +216,19 @@ def test_cli_run_with_ray_and_shipped_adapters_writes_the_same_file(llama_dir, m
 
 
 def test_bench_measures_ray_workers_beside_one_process(local_ray, llama_dir):
+    name = "loracli-ray:workers=2:ship-adapters=true:max-loras=2"
     options = BenchOptions(model=str(llama_dir), adapters="3", prompts="8", prompt_len="4-8", output_len="3",
                            threads=1, warmup=2, roofline_seconds=0, dtype="float32", isolate=False,
-                           systems="loracli,loracli-ray:workers=2:max-loras=2")
+                           systems=f"loracli,{name}")
+    copies_before = set(Path(tempfile.gettempdir()).glob("loracli-adapters-*"))
     by_name = {s.name: s for s in run_bench(options).points[0].systems}
-    local, remote = by_name["loracli"], by_name["loracli-ray:workers=2:max-loras=2"]
+    local, remote = by_name["loracli"], by_name[name]
     assert local.status == remote.status == "ok", (local.note, remote.note, remote.problems)
     assert remote.output_tokens == local.output_tokens == 8 * 3
     assert remote.counters["disk_loads"] >= 1 and remote.counters["request_bytes"] > 0
     assert remote.counters["result_bytes"] > 0 and remote.counters["resent"] == 0
+    assert remote.counters["shipped_bytes"] >= remote.counters["adapter_bytes"] > 0
+    assert set(Path(tempfile.gettempdir()).glob("loracli-adapters-*")) == copies_before  # the pool was closed
 
 
 def test_ray_address_is_optional_on_the_command_line():

@@ -221,6 +221,9 @@ class System:
         """Peak memory of processes other than this one the system ran in (Ray workers)."""
         return 0.0
 
+    def close(self) -> None:
+        """Release what outlives this process otherwise (Ray workers and their files)."""
+
 
 class LoracliSystem(System):
     def __init__(self, job: Job, spec: SystemSpec):
@@ -293,6 +296,9 @@ class LoracliRaySystem(LoracliSystem):
 
     def elsewhere_rss_mib(self) -> float:
         return sum(w["peak_rss_mib"] or 0.0 for w in self.engine.cluster_report()["per_worker"])
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 class FirstStep:

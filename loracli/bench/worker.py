@@ -60,6 +60,8 @@ def measure(job: Job, isolated: bool = False) -> Measurement:
         elsewhere = system.elsewhere_rss_mib() if system is not None else 0.0
         m.peak_rss_mib = maxrss_mib() + elsewhere
         m.rss_delta_mib = m.peak_rss_mib - baseline
+    if system is not None:
+        system.close()
     return m
 
 
