@@ -63,6 +63,19 @@ def test_a_worker_short_of_work_takes_a_popular_adapter_from_another():
     assert r.pending() == 0
 
 
+def test_a_short_input_is_split_between_idle_workers_not_all_given_to_the_first():
+    r = AffinityRouter(2, min_queue=32)  # batches of 32; 12 requests for 3 adapters
+    for q in reqs("abc" * 4):
+        r.add(q)
+    first = r.take(0, 40)
+    second = r.take(1, 40)
+    # Adapters were spread over the workers (a, c to worker 0; b to 1), and worker 0, already over its
+    # fair share (6) with its own, took nothing held by worker 1: no adapter is loaded twice.
+    assert adapters_of(first) == {"a", "c"} and adapters_of(second) == {"b"}
+    assert (len(first), len(second)) == (8, 4)
+    assert r.pending() == 0
+
+
 def test_base_model_requests_go_to_any_worker():
     r = AffinityRouter(2, min_queue=1)
     r.holds(0, ["a"])

@@ -16,8 +16,11 @@ back the requests of a worker that died (`lose`). Requests are anything with `.i
 3. Affinity: requests for adapters `w` holds (device slot, CPU cache, in flight or assigned), the
    adapter with the most pending requests first, oldest first within it.
 4. Balance: only if `w` would still have fewer than `min_queue` requests in flight (its batch would
-   run short), requests for adapters other workers hold, the largest backlog first. A popular
-   adapter then lives on several workers, and no worker idles while another has a backlog.
+   run short), requests for adapters other workers hold, the largest backlog first, up to
+   `min_queue` in flight or `w`'s fair share of all outstanding requests (pending and in flight,
+   over the live workers), whichever is smaller: a short input is split between idle workers
+   instead of going whole to the first that asks. A popular adapter then lives on several
+   workers, and no worker idles while another has a backlog.
 So a worker loads an adapter it does not hold only when nobody holds it or when it would idle.
 
 `RoundRobinRouter`: request k goes to live worker k mod N, whatever its adapter (the baseline
@@ -126,12 +129,14 @@ class AffinityRouter(Router):
     def take(self, w: int, room: int) -> list[Any]:
         if room <= 0 or not self.workers[w].alive or not self.pending():
             return []
+        live = self.live()
+        fair_share = -(-(self.pending() + sum(self.inflight(i) for i in live)) // len(live))
         out = self._starving(room)
         self._assign()
         held = self.workers[w].held
         for adapter in self._by_backlog(lambda a: a is None or a in held):
             out += self._pop(adapter, room - len(out))
-        short = min(room, self.min_queue - self.inflight(w))
+        short = min(room, min(self.min_queue, fair_share) - self.inflight(w))
         if len(out) < short:
             for adapter in self._by_backlog(lambda a: True):
                 got = self._pop(adapter, short - len(out))
