@@ -61,7 +61,11 @@ def measure(job: Job, isolated: bool = False) -> Measurement:
         m.peak_rss_mib = maxrss_mib() + elsewhere
         m.rss_delta_mib = m.peak_rss_mib - baseline
     if system is not None:
-        system.close()
+        try:
+            system.close()
+        except Exception as e:  # noqa: BLE001 - as above: reported, not a crash
+            m.error = m.error or f"closing: {type(e).__name__}: {e}"
+            log(traceback.format_exc())
     return m
 
 

@@ -166,7 +166,7 @@ class RayPool:
         config = _absolute(self.config)
         t0 = time.perf_counter()
         for w in range(o.workers):
-            pinned = self.shipper.ship(w, set(config.pinned)) if self.shipper else None
+            pinned = self.shipper.ship(w, set(config.pinned), live=range(o.workers)) if self.shipper else None
             self.handles.append(actor.remote(config, threads, names, pinned))
         try:
             described = ray.get([h.describe.remote() for h in self.handles])
@@ -190,14 +190,19 @@ class RayPool:
                                    f"the Ray cluster has {have.get(name, 0):g}")
 
     def close(self) -> None:
-        """Workers remove their adapter copies (a few seconds at most), then every actor is killed."""
-        if self.shipper is not None and self.handles:
-            self.ray.wait([h.close.remote() for h in self.handles], num_returns=len(self.handles), timeout=30)
-        for h in self.handles:
-            self.ray.kill(h)
-        self.handles = []
-        if self.owns_ray and self.ray.is_initialized():
-            self.ray.shutdown()
+        """Workers remove their adapter copies (waiting 30 s at most), every actor is killed, and a Ray
+        this pool started is shut down: each step even if the one before failed."""
+        handles, self.handles = self.handles, []
+        try:
+            if self.shipper is not None and handles:
+                self.ray.wait([h.close.remote() for h in handles], num_returns=len(handles), timeout=30)
+        finally:
+            try:
+                for h in handles:
+                    self.ray.kill(h)
+            finally:
+                if self.owns_ray and self.ray.is_initialized():
+                    self.ray.shutdown()
 
     # The engine interface runner.py uses.
 
@@ -262,7 +267,8 @@ class RayPool:
             for req in new:
                 self.sent[w][req.id] = req
             self.request_bytes += len(pickle.dumps(new, protocol=5))
-            adapters = self.shipper.ship(w, {r.adapter for r in new if r.adapter}) if self.shipper else None
+            needed = {r.adapter for r in new if r.adapter}
+            adapters = self.shipper.ship(w, needed, live=self.router.live()) if self.shipper else None
             calls[self.handles[w].work.remote(new, defaults, self.stopping, adapters)] = w
 
     def _absorb(self, w: int, reply: Reply) -> Iterator[Result]:
@@ -291,7 +297,7 @@ class RayPool:
         self.log(f"Ray worker {w} failed ({self.errors[w]}); {len(lost)} requests "
                  f"{'dropped (stopping)' if self.stopping else 'sent to the others'}; {len(live)} left")
         if not live and not self.stopping:  # stopping: what was lost is run by the resumed run
-            raise ClusterError(f"all {len(self.handles)} Ray workers failed; the last: {self.errors[w]} "
+            raise ClusterError(f"all {self.options.workers} Ray workers failed; the last: {self.errors[w]} "
                                "(finished results are kept: rerun the same command to resume)")
 
     def reports(self) -> dict:
@@ -320,7 +326,7 @@ class RayPool:
                                "adapters_shipped": len(self.shipper.sent[w]) if self.shipper else 0,
                                "adapter_bytes_shipped": self.shipper.bytes_sent[w] if self.shipper else 0,
                                "holds": reply.holds if reply else []})
-        return {"workers": len(self.handles), "routing": self.options.routing, "address": self.options.address,
+        return {"workers": self.options.workers, "routing": self.options.routing, "address": self.options.address,
                 "resent": self.router.resent, "stolen": getattr(self.router, "stolen", 0),
                 "starved": getattr(self.router, "starved", 0), "request_bytes_sent": self.request_bytes,
                 "result_bytes_received": self.result_bytes,

@@ -2,25 +2,34 @@
 
 Contract:
 - The driver (`AdapterShipper`) reads an adapter's files (its `adapter_config.json` and the weights
-  file loading reads, nothing else) the first time some worker needs it, puts them in Ray's object
-  store once (`ray.put`) and hands the same reference to every worker that needs it. It never
-  reads an adapter no request names.
-- `ship(worker, names)` returns the references `worker` still lacks and records them as sent: an
-  adapter goes to a worker at most once per run (a worker keeps what it received on its disk).
+  file loading reads, nothing else) the first time a worker needs it (a request names it, or it is
+  pinned: pinned adapters go to every worker at start), puts them in Ray's object store once
+  (`ray.put`) and hands the same reference to every worker that needs it. Once every live worker
+  has it, the driver drops its reference, so the object store does not keep every adapter of a run
+  (an in-flight call still holds its own reference until the worker has read it).
+- `ship(worker, names, live)` returns the references `worker` still lacks and records them as sent:
+  an adapter goes to a worker at most once per run (a worker keeps what it received on its disk).
 - A worker (`AdapterInbox`) starts with an empty local folder holding one empty subfolder per
   adapter name (so names are known before any bytes arrive) and writes what it receives there;
   its engine then loads adapters from that folder as from any other. Error messages name the
-  driver's folder, not the worker's copy.
+  driver's folder, not the worker's copy. The folder is removed when the pool closes; one left by
+  a worker killed outright is removed by the next inbox created on that machine (each folder
+  records its owner's process id).
 - Bytes are counted: `bytes_read` (driver disk reads), per-worker `sent`/`bytes_sent`.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..adapters import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
+
+INBOX_PREFIX = "loracli-adapters-"
+OWNER_FILE = ".owner.pid"
 
 
 def adapter_names(folder: Path) -> list[str]:
@@ -38,19 +47,22 @@ class AdapterShipper:
     def __init__(self, ray, folder: Path, workers: int):
         self.ray, self.folder = ray, folder
         self.names = frozenset(adapter_names(folder))
-        self.refs: dict[str, tuple[object, int]] = {}  # name -> (ObjectRef, bytes)
+        self.refs: dict[str, tuple[object, int]] = {}  # name -> (ObjectRef, bytes), while some live worker lacks it
         self.bytes_read = 0
         self.sent: list[set[str]] = [set() for _ in range(workers)]
         self.bytes_sent = [0] * workers
 
-    def ship(self, worker: int, names: set[str]) -> dict[str, object]:
+    def ship(self, worker: int, names: set[str], live: Iterable[int]) -> dict[str, object]:
         """References to the adapters in `names` that `worker` has not been sent yet (unknown names skipped)."""
+        live = list(live)
         out = {}
         for name in sorted((names & self.names) - self.sent[worker]):
             ref, size = self._ref(name)
             out[name] = ref
             self.sent[worker].add(name)
             self.bytes_sent[worker] += size
+            if all(name in self.sent[w] for w in live):
+                del self.refs[name]
         return out
 
     def _ref(self, name: str) -> tuple[object, int]:
@@ -62,12 +74,32 @@ class AdapterShipper:
         return self.refs[name]
 
 
+def _owner_alive(folder: Path) -> bool:
+    try:
+        pid = int((folder / OWNER_FILE).read_text())
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError):
+        return True  # unreadable, or not ours to signal: leave it
+    return True
+
+
+def remove_orphans(parent: Path) -> None:
+    """Remove inbox folders whose owner process is gone (a worker killed before it could clean up)."""
+    for folder in parent.glob(INBOX_PREFIX + "*"):
+        if folder.is_dir() and (folder / OWNER_FILE).exists() and not _owner_alive(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class AdapterInbox:
     """A worker's local adapters folder, filled by what the driver ships."""
 
     def __init__(self, names: list[str], shown_as: str):
-        self.folder = Path(tempfile.mkdtemp(prefix="loracli-adapters-"))
+        remove_orphans(Path(tempfile.gettempdir()))
+        self.folder = Path(tempfile.mkdtemp(prefix=INBOX_PREFIX))
         self.shown_as = shown_as
+        (self.folder / OWNER_FILE).write_text(str(os.getpid()))
         for name in names:
             (self.folder / name).mkdir()
 
