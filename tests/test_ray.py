@@ -76,7 +76,7 @@ def test_two_workers_match_one_process_and_affinity_loads_fewer_adapters(local_r
     records = _skewed(96)
     inp = write_jsonl(tmp_path / "in.jsonl", records)
     expected = _local_reference(llama_dir, many_adapters, inp, tmp_path)
-    loads = {}
+    loads, clusters = {}, {}
     for routing in ("affinity", "round-robin"):
         pool = RayPool(_config(llama_dir, many_adapters), ClusterOptions(workers=2, routing=routing))
         try:
@@ -93,7 +93,8 @@ def test_two_workers_match_one_process_and_affinity_loads_fewer_adapters(local_r
         assert summary.adapter_disk_loads == sum(w["adapters_loaded"] for w in per_worker)
         assert cluster["adapter_bytes_read"] > 0 and cluster["request_bytes_sent"] > 0
         loads[routing] = summary.adapter_disk_loads
-    print(loads)
+        clusters[routing] = cluster
+    print(loads, {k: (v["stolen"], v["starved"]) for k, v in clusters.items()})
     # Round-robin: request k to worker k mod 2; each worker loads each distinct adapter it gets once (caches of 8).
     assert loads["round-robin"] == sum(len({r["adapter"] for r in records[w::2]} - {None}) for w in (0, 1)) > 8
     assert loads["affinity"] < loads["round-robin"], loads

@@ -99,6 +99,20 @@ def test_an_old_request_is_not_passed_over_forever():
     assert [q.id for q in taken].index("lonely") == 8  # first once 8 others were sent while it waited
 
 
+def test_a_starving_request_goes_to_a_worker_holding_its_adapter_not_the_first_that_asks():
+    r = AffinityRouter(2, min_queue=1, max_waited=4)
+    r.holds(0, ["a"])
+    r.holds(1, ["z"])
+    r.add(Req("lonely", "z"))
+    for q in reqs("aaaaaa"):
+        r.add(q)
+    assert adapters_of(r.take(0, 3)) == {"a"}
+    assert adapters_of(r.take(0, 2)) == {"a"}  # 5 sent while lonely waited: it starves...
+    assert r.take(0, 1)[0].adapter == "a"  # ...but worker 0 does not hold z: it takes its own
+    assert [q.id for q in r.take(1, 1)] == ["lonely"]
+    assert r.starved == 2  # the last a request had starved too: its holder took it by the guard
+
+
 def test_a_dead_workers_requests_go_first_to_the_others():
     r = AffinityRouter(2, min_queue=1)
     for q in reqs("aabb"):

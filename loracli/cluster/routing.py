@@ -8,8 +8,10 @@ back the requests of a worker that died (`lose`). Requests are anything with `.i
 
 `AffinityRouter.take(w, room)` fills up to `room` places for worker `w`, in this order:
 1. Starvation guard: a request that has waited while `max_waited` others were sent (to any
-   worker) goes first, oldest first, whatever its adapter. The pool sets `max_waited` to twice its
-   read-ahead window, about twice the wait first-come-first-served would give it.
+   worker) goes first, oldest first, to the next worker that asks and holds its adapter (or any
+   worker, for the base model or an adapter no live worker holds): the guard bounds the wait
+   without spreading adapters. The pool sets `max_waited` to twice its read-ahead window, about
+   twice the wait first-come-first-served would give.
 2. Assignment: every adapter with pending requests that no live worker holds is assigned to the
    live worker holding the fewest adapters (ties: fewest in flight, then lowest index): adapters
    are spread over workers before any is duplicated.
@@ -131,9 +133,9 @@ class AffinityRouter(Router):
             return []
         live = self.live()
         fair_share = -(-(self.pending() + sum(self.inflight(i) for i in live)) // len(live))
-        out = self._starving(room)
         self._assign()
         held = self.workers[w].held
+        out = self._starving(room, lambda a: a is None or a in held)
         for adapter in self._by_backlog(lambda a: a is None or a in held):
             out += self._pop(adapter, room - len(out))
         short = min(room, min(self.min_queue, fair_share) - self.inflight(w))
@@ -145,9 +147,9 @@ class AffinityRouter(Router):
         self.queues = {a: q for a, q in self.queues.items() if q}
         return self._sent(w, out)
 
-    def _starving(self, room: int) -> list[Any]:
-        old = sorted((p for q in self.queues.values() for p in q if self.sent_total - p.sent_mark >= self.max_waited),
-                     key=lambda p: p.order)[:room]
+    def _starving(self, room: int, mine) -> list[Any]:
+        old = sorted((p for a, q in self.queues.items() if mine(a) for p in q
+                      if self.sent_total - p.sent_mark >= self.max_waited), key=lambda p: p.order)[:room]
         for p in old:
             self.queues[p.req.adapter].remove(p)
         self.starved += len(old)
