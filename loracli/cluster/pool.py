@@ -18,7 +18,8 @@ Contract:
   `workers * 2 * max_num_seqs` requests wait in the router (those in flight come on top).
 - A worker that dies (or raises) is dropped; its unfinished requests go back to the queue and
   run on the others. Results already returned were written; a result is yielded once per id.
-  If every worker dies the run stops with an error (finished results are kept: rerun resumes).
+  If every worker dies the run stops with an error (finished results are kept: rerun resumes),
+  unless it was stopping anyway (Ctrl-C): then it ends as an interrupted run.
 - `ship_adapters` (`--ship-adapters`): workers read no shared adapters folder; the driver ships
   each adapter's files through the object store to each worker that needs it, once
   (`shipping.py`). The model path must still resolve on every node (or be `default`).

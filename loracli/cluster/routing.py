@@ -8,8 +8,8 @@ back the requests of a worker that died (`lose`). Requests are anything with `.i
 
 `AffinityRouter.take(w, room)` fills up to `room` places for worker `w`, in this order:
 1. Starvation guard: a request that has waited while `max_waited` others were sent (to any
-   worker) goes first, oldest first, to the next worker that asks and holds its adapter (or any
-   worker, for the base model or an adapter no live worker holds): the guard bounds the wait
+   worker) goes first, oldest first, to the next worker that asks and holds its adapter (any
+   worker, for the base model; step 2 gives every adapter a holder): the guard bounds the wait
    without spreading adapters. The pool sets `max_waited` to twice its read-ahead window, about
    twice the wait first-come-first-served would give.
 2. Assignment: every adapter with pending requests that no live worker holds is assigned to the
@@ -135,8 +135,12 @@ class AffinityRouter(Router):
         fair_share = -(-(self.pending() + sum(self.inflight(i) for i in live)) // len(live))
         self._assign()
         held = self.workers[w].held
-        out = self._starving(room, lambda a: a is None or a in held)
-        for adapter in self._by_backlog(lambda a: a is None or a in held):
+
+        def mine(adapter: str | None) -> bool:
+            return adapter is None or adapter in held
+
+        out = self._starving(room, mine)
+        for adapter in self._by_backlog(mine):
             out += self._pop(adapter, room - len(out))
         short = min(room, min(self.min_queue, fair_share) - self.inflight(w))
         if len(out) < short:
