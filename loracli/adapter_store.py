@@ -30,6 +30,11 @@ class StoreStats:
     load_seconds: list[float] = field(default_factory=list)
 
 
+def adapter_names(folder: Path) -> list[str]:
+    """The adapters of an adapters folder: its subfolders' names, sorted."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
 class AdapterStore:
     def __init__(self, folder: str | Path | None, spec: ModelSpec, *, max_cpu_loras: int,
                  max_lora_rank: int, allow_pickle: bool = False, dtype: torch.dtype = torch.float32):
@@ -44,7 +49,7 @@ class AdapterStore:
         self.cache: OrderedDict[str, LoraWeights] = OrderedDict()
         self.failed: dict[str, str] = {}
         self.stats = StoreStats()
-        self._names = sorted(p.name for p in self.folder.iterdir() if p.is_dir()) if self.folder else []
+        self._names = adapter_names(self.folder) if self.folder else []
 
     def names(self) -> list[str]:
         return list(self._names)

@@ -65,9 +65,7 @@ def _engine_value(key: str, raw: str) -> tuple[str, object]:
     if "None" in kind and text.lower() == "none":
         return name, None
     if kind.startswith("bool"):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ConfigError(f"--systems: {key} must be true or false, got {raw!r}")
-        return name, text.lower() in ("true", "1")
+        return name, _bool_value(key, raw)
     if name in BYTE_FIELDS:
         return name, parse_bytes(text, f"--systems: {key}")
     if kind.startswith("int"):
@@ -76,6 +74,13 @@ def _engine_value(key: str, raw: str) -> tuple[str, object]:
         except ValueError:
             raise ConfigError(f"--systems: {key} must be an integer, got {raw!r}") from None
     return name, text
+
+
+def _bool_value(key: str, raw: str) -> bool:
+    text = raw.strip().lower()
+    if text not in ("true", "false", "1", "0"):
+        raise ConfigError(f"--systems: {key} must be true or false, got {raw!r}")
+    return text in ("true", "1")
 
 
 def parse_system(text: str) -> SystemSpec:
@@ -109,9 +114,7 @@ def parse_system(text: str) -> SystemSpec:
 def _cluster_value(name: str, raw: str) -> tuple[str, object]:
     text = raw.strip()
     if name == "ship_adapters":
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ConfigError(f"--systems: ship-adapters must be true or false, got {raw!r}")
-        return name, text.lower() in ("true", "1")
+        return name, _bool_value("ship-adapters", raw)
     try:
         return name, {"workers": int, "worker_cpus": float, "worker_gpus": float}.get(name, str)(text)
     except ValueError:

@@ -26,14 +26,11 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..adapter_store import adapter_names
 from ..adapters import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 
 INBOX_PREFIX = "loracli-adapters-"
 OWNER_FILE = ".owner.pid"
-
-
-def adapter_names(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir())
 
 
 def adapter_files(folder: Path) -> dict[str, bytes]:
