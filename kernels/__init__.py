@@ -60,9 +60,7 @@ def _module(t: torch.Tensor) -> ModuleType:
     return _triton_ops(t)
 
 
-def lora_shrink(
-    x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None
-) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None) -> torch.Tensor:
     """y[T, R]: y[t, :r] = x[t] @ A[slot[t], :r].T, zero elsewhere (r = ranks[slot] or R)."""
     reference.check_shrink(x, A, meta, ranks)
     return _module(x).lora_shrink(x, A, meta, ranks)

@@ -117,7 +117,7 @@ def stacked(w: Weights, meta: LoraMeta, fuse_expand: bool) -> Callable[[], None]
     R = w.As[0].shape[1]
     B = torch.zeros(A.shape[0], w.out.shape[1], A.shape[1], dtype=A.dtype)  # [S, N, J*R] block-diagonal
     for j, (Bj, off) in enumerate(zip(w.Bs, w.offsets, strict=True)):
-        B[:, off:off + Bj.shape[1], j * R:(j + 1) * R] = Bj
+        B[:, off : off + Bj.shape[1], j * R : (j + 1) * R] = Bj
 
     def run() -> None:
         y = lora_shrink(w.x, A, meta)  # [T, J*R]
@@ -125,7 +125,7 @@ def stacked(w: Weights, meta: LoraMeta, fuse_expand: bool) -> Callable[[], None]
             lora_expand(y, B, meta, w.out)
             return
         for j, (Bj, off) in enumerate(zip(w.Bs, w.offsets, strict=True)):
-            lora_expand(y[:, j * R:(j + 1) * R], Bj, meta, w.out, off, w.ranks)
+            lora_expand(y[:, j * R : (j + 1) * R], Bj, meta, w.out, off, w.ranks)
 
     return run
 
@@ -162,8 +162,9 @@ def variant(name: str, w: Weights, meta: LoraMeta) -> Callable[[], None]:
     return compiled_bmm(w, meta)
 
 
-def median_us(base: Callable[[], object], variants: dict[str, Callable[[], object]], warmup: int,
-              repeat: int) -> dict[str, float]:
+def median_us(
+    base: Callable[[], object], variants: dict[str, Callable[[], object]], warmup: int, repeat: int
+) -> dict[str, float]:
     """Median wall time in microseconds of `base` and of each variant, warm-up rounds excluded.
 
     Every variant call directly follows a base call, as the LoRA ops follow the base linear in the
@@ -205,8 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    table = Table(title=f"multi-LoRA CPU ops vs base linear: {args.adapters} adapters x rank {args.rank}, "
-                        f"{args.layout} tokens, {torch.get_num_threads()} threads, median us")
+    table = Table(
+        title=f"multi-LoRA CPU ops vs base linear: {args.adapters} adapters x rank {args.rank}, "
+        f"{args.layout} tokens, {torch.get_num_threads()} threads, median us"
+    )
     for col in ("dtype", "T", "projection", "base us"):
         table.add_column(col, justify="right")
     for name in args.variants:

@@ -47,9 +47,7 @@ def _check_slots(meta: LoraMeta, T: int, S: int, R: int, ranks: Sequence[int] | 
 def check_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None) -> None:
     """Validate the arguments of `lora_shrink` (see module docstring); raise ValueError."""
     if x.dim() != 2 or A.dim() != 3 or x.shape[1] != A.shape[2]:
-        raise ValueError(
-            f"lora_shrink wants x [T, K] and A [S, R, K], got {tuple(x.shape)} and {tuple(A.shape)}"
-        )
+        raise ValueError(f"lora_shrink wants x [T, K] and A [S, R, K], got {tuple(x.shape)} and {tuple(A.shape)}")
     if x.dtype != A.dtype:
         raise ValueError(f"lora_shrink wants one dtype, got x {x.dtype} and A {A.dtype}")
     _check_slots(meta, x.shape[0], A.shape[0], A.shape[1], ranks)
@@ -88,9 +86,7 @@ def _slot_rows(meta: LoraMeta, ranks: Sequence[int] | None, R: int) -> list[tupl
     return groups
 
 
-def lora_shrink(
-    x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None
-) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None) -> torch.Tensor:
     """y[T, R]: y[t, :r] = x[t] @ A[slot[t], :r].T in float32, zero elsewhere; returned in x.dtype."""
     T, R = x.shape[0], A.shape[1]
     y = torch.zeros(T, R, dtype=torch.float32)
@@ -113,5 +109,5 @@ def lora_expand(
     acc = out.detach().cpu().float()
     yf, Bf = y.detach().cpu().float(), B.detach().cpu().float()
     for rows, s, r in _slot_rows(meta, ranks, R):
-        acc[rows, offset:offset + N] += torch.einsum("tr,nr->tn", yf[rows, :r], Bf[s, :, :r])
+        acc[rows, offset : offset + N] += torch.einsum("tr,nr->tn", yf[rows, :r], Bf[s, :, :r])
     out.copy_(acc)

@@ -154,9 +154,7 @@ def _grid_bmm(grid: SlotGrid, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return res
 
 
-def shrink_bmm(
-    x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None
-) -> torch.Tensor:
+def shrink_bmm(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None) -> torch.Tensor:
     """`lora_shrink` as one bmm over the slot grid."""
     grid = slot_grid(meta)
     T, K = x.shape
@@ -192,9 +190,7 @@ def expand_bmm(
         view.add_(_grid_bmm(grid, yk, Bt).index_select(0, grid.dst))
 
 
-def shrink_runs(
-    x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None
-) -> torch.Tensor:
+def shrink_runs(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None) -> torch.Tensor:
     """`lora_shrink` as one GEMM per slot run, at each slot's real rank."""
     T, R = x.shape[0], A.shape[1]
     src = x if meta.order is None else x.index_select(0, meta.order)  # [T, K] sorted by slot
@@ -234,9 +230,7 @@ def expand_runs(
     view.add_(upd.index_select(0, inverse_order(meta)))
 
 
-def lora_shrink(
-    x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None
-) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None) -> torch.Tensor:
     """y[T, R] = x[t] @ A[slot[t], :r].T per token, zero rows for slot -1; see `reference`."""
     if not meta.runs:
         return x.new_zeros(x.shape[0], A.shape[1])

@@ -82,9 +82,7 @@ def _dot(a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _segment_rows(
-    tok_ptr, seg_start_ptr, seg, seg_len, pid_m, HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr
-):
+def _segment_rows(tok_ptr, seg_start_ptr, seg, seg_len, pid_m, HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr):
     """(token index [BLOCK_M] int64, row mask [BLOCK_M]) of row block pid_m of segment seg."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < seg_len
@@ -99,18 +97,41 @@ def _segment_rows(
 @triton.autotune(
     configs=_configs(
         {"BLOCK_M": 32, "BLOCK_K": 128},
-        [({"BLOCK_M": 16, "BLOCK_K": 128}, 4), ({"BLOCK_M": 32, "BLOCK_K": 64}, 4),
-         ({"BLOCK_M": 64, "BLOCK_K": 64}, 4), ({"BLOCK_M": 64, "BLOCK_K": 128}, 8)],
+        [
+            ({"BLOCK_M": 16, "BLOCK_K": 128}, 4),
+            ({"BLOCK_M": 32, "BLOCK_K": 64}, 4),
+            ({"BLOCK_M": 64, "BLOCK_K": 64}, 4),
+            ({"BLOCK_M": 64, "BLOCK_K": 128}, 8),
+        ],
     ),
     key=["K", "R", "len_bucket"],
 )
 @triton.jit
 def _sgmv_shrink_kernel(
-    x_ptr, a_ptr, y_ptr, tok_ptr, seg_slot_ptr, seg_start_ptr, seg_len_ptr, rank_ptr,
-    K, R, len_bucket,
-    sx_t, sx_k, sa_s, sa_r, sa_k, sy_t, sy_r,
-    HAS_ORDER: tl.constexpr, HAS_RANKS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    y_ptr,
+    tok_ptr,
+    seg_slot_ptr,
+    seg_start_ptr,
+    seg_len_ptr,
+    rank_ptr,
+    K,
+    R,
+    len_bucket,
+    sx_t,
+    sx_k,
+    sa_s,
+    sa_r,
+    sa_k,
+    sy_t,
+    sy_r,
+    HAS_ORDER: tl.constexpr,
+    HAS_RANKS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # y[tok, cols] = x[tok, :] @ A[slot, cols, :].T for one [BLOCK_M, BLOCK_R] tile of one segment
     seg = tl.program_id(1)
@@ -134,31 +155,60 @@ def _sgmv_shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        xt = tl.load(x_ptr + tok[:, None] * sx_t + ks[None, :] * sx_k,
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        at = tl.load(a_base + cols[None, :] * sa_r + ks[:, None] * sa_k,
-                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
+        xt = tl.load(
+            x_ptr + tok[:, None] * sx_t + ks[None, :] * sx_k, mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )  # [BLOCK_M, BLOCK_K]
+        at = tl.load(
+            a_base + cols[None, :] * sa_r + ks[:, None] * sa_k, mask=k_ok[:, None] & col_ok[None, :], other=0.0
+        )  # [BLOCK_K, BLOCK_R]
         acc += _dot(xt, at, DOT_F32)
-    tl.store(y_ptr + tok[:, None] * sy_t + cols[None, :] * sy_r, acc.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (cols[None, :] < R))
+    tl.store(
+        y_ptr + tok[:, None] * sy_t + cols[None, :] * sy_r,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (cols[None, :] < R),
+    )
 
 
 @triton.autotune(
     configs=_configs(
         {"BLOCK_M": 32, "BLOCK_N": 64},
-        [({"BLOCK_M": 16, "BLOCK_N": 64}, 4), ({"BLOCK_M": 32, "BLOCK_N": 128}, 4),
-         ({"BLOCK_M": 64, "BLOCK_N": 64}, 4), ({"BLOCK_M": 64, "BLOCK_N": 128}, 8)],
+        [
+            ({"BLOCK_M": 16, "BLOCK_N": 64}, 4),
+            ({"BLOCK_M": 32, "BLOCK_N": 128}, 4),
+            ({"BLOCK_M": 64, "BLOCK_N": 64}, 4),
+            ({"BLOCK_M": 64, "BLOCK_N": 128}, 8),
+        ],
     ),
     key=["N", "R", "len_bucket"],
     restore_value=["out_ptr"],
 )
 @triton.jit
 def _sgmv_expand_kernel(
-    y_ptr, b_ptr, out_ptr, tok_ptr, seg_slot_ptr, seg_start_ptr, seg_len_ptr, rank_ptr,
-    N, R, offset, len_bucket,
-    sy_t, sy_r, sb_s, sb_n, sb_r, so_t, so_n,
-    HAS_ORDER: tl.constexpr, HAS_RANKS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    y_ptr,
+    b_ptr,
+    out_ptr,
+    tok_ptr,
+    seg_slot_ptr,
+    seg_start_ptr,
+    seg_len_ptr,
+    rank_ptr,
+    N,
+    R,
+    offset,
+    len_bucket,
+    sy_t,
+    sy_r,
+    sb_s,
+    sb_n,
+    sb_r,
+    so_t,
+    so_n,
+    HAS_ORDER: tl.constexpr,
+    HAS_RANKS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # out[tok, offset + ns] += y[tok, :rank] @ B[slot, ns, :rank].T for one [BLOCK_M, BLOCK_N] tile
     seg = tl.program_id(1)
@@ -182,10 +232,12 @@ def _sgmv_expand_kernel(
     for r0 in range(0, rank, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         r_ok = rs < rank
-        yt = tl.load(y_ptr + tok[:, None] * sy_t + rs[None, :] * sy_r,
-                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
-        bt = tl.load(b_base + ns[None, :] * sb_n + rs[:, None] * sb_r,
-                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+        yt = tl.load(
+            y_ptr + tok[:, None] * sy_t + rs[None, :] * sy_r, mask=row_ok[:, None] & r_ok[None, :], other=0.0
+        )  # [BLOCK_M, BLOCK_R]
+        bt = tl.load(
+            b_base + ns[None, :] * sb_n + rs[:, None] * sb_r, mask=r_ok[:, None] & n_ok[None, :], other=0.0
+        )  # [BLOCK_R, BLOCK_N]
         acc += _dot(yt.to(b_ptr.dtype.element_ty), bt, DOT_F32)
     o_ptrs = out_ptr + tok[:, None] * so_t + (offset + ns)[None, :] * so_n
     o_mask = row_ok[:, None] & n_ok[None, :]
@@ -199,10 +251,23 @@ def _sgmv_expand_kernel(
 )
 @triton.jit
 def _bgmv_shrink_kernel(
-    x_ptr, a_ptr, y_ptr, slot_ptr, rank_ptr,
-    K, R,
-    sx_t, sx_k, sa_s, sa_r, sa_k, sy_t, sy_r,
-    HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    y_ptr,
+    slot_ptr,
+    rank_ptr,
+    K,
+    R,
+    sx_t,
+    sx_k,
+    sa_s,
+    sa_r,
+    sa_k,
+    sy_t,
+    sy_r,
+    HAS_RANKS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # y[t, cols] = x[t, :] @ A[slot[t], cols, :].T for one token and one rank block
     t = tl.program_id(0).to(tl.int64)
@@ -223,8 +288,9 @@ def _bgmv_shrink_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         xk = tl.load(x_ptr + t * sx_t + ks * sx_k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
-        at = tl.load(a_base + cols[:, None] * sa_r + ks[None, :] * sa_k,
-                     mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_K]
+        at = tl.load(
+            a_base + cols[:, None] * sa_r + ks[None, :] * sa_k, mask=col_ok[:, None] & k_ok[None, :], other=0.0
+        ).to(tl.float32)  # [BLOCK_R, BLOCK_K]
         acc += at * xk[None, :]
     tl.store(y_ptr + t * sy_t + cols * sy_r, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=cols < R)
 
@@ -236,10 +302,24 @@ def _bgmv_shrink_kernel(
 )
 @triton.jit
 def _bgmv_expand_kernel(
-    y_ptr, b_ptr, out_ptr, slot_ptr, rank_ptr,
-    N, R, offset,
-    sy_t, sy_r, sb_s, sb_n, sb_r, so_t, so_n,
-    HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    y_ptr,
+    b_ptr,
+    out_ptr,
+    slot_ptr,
+    rank_ptr,
+    N,
+    R,
+    offset,
+    sy_t,
+    sy_r,
+    sb_s,
+    sb_n,
+    sb_r,
+    so_t,
+    so_n,
+    HAS_RANKS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # out[t, offset + ns] += y[t, :rank] @ B[slot[t], ns, :rank].T for one token and one column block
     t = tl.program_id(0).to(tl.int64)
@@ -260,8 +340,9 @@ def _bgmv_expand_kernel(
         rs = r0 + tl.arange(0, BLOCK_R)
         r_ok = rs < rank
         yr = tl.load(y_ptr + t * sy_t + rs * sy_r, mask=r_ok, other=0.0).to(tl.float32)  # [BLOCK_R]
-        bt = tl.load(b_base + ns[:, None] * sb_n + rs[None, :] * sb_r,
-                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
+        bt = tl.load(
+            b_base + ns[:, None] * sb_n + rs[None, :] * sb_r, mask=n_ok[:, None] & r_ok[None, :], other=0.0
+        ).to(tl.float32)  # [BLOCK_N, BLOCK_R]
         acc += bt * yr[None, :]
     o_ptrs = out_ptr + t * so_t + (offset + ns) * so_n
     o = tl.load(o_ptrs, mask=n_ok, other=0.0)
@@ -321,9 +402,7 @@ def use_bgmv(meta: LoraMeta) -> bool:
     return seg.lora_tokens < BGMV_MAX_TOKENS_PER_SEGMENT * len(meta.runs)
 
 
-def sgmv_shrink(
-    x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None
-) -> torch.Tensor:
+def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None) -> torch.Tensor:
     """`lora_shrink` with one program per (segment, row block, rank block)."""
     _check_device(x, A)
     T, K = x.shape
@@ -338,11 +417,27 @@ def sgmv_shrink(
         return triton.cdiv(seg.max_len, cfg["BLOCK_M"]) * triton.cdiv(R, block_r), len(meta.runs)
 
     _sgmv_shrink_kernel[grid](
-        x, A, y, meta.order if meta.order is not None else seg.start, seg.slot, seg.start, seg.length,
+        x,
+        A,
+        y,
+        meta.order if meta.order is not None else seg.start,
+        seg.slot,
+        seg.start,
+        seg.length,
         rank if rank is not None else seg.slot,
-        K, R, triton.next_power_of_2(seg.max_len),
-        x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), y.stride(0), y.stride(1),
-        HAS_ORDER=meta.order is not None, HAS_RANKS=rank is not None, DOT_F32=_dot_f32(x.dtype),
+        K,
+        R,
+        triton.next_power_of_2(seg.max_len),
+        x.stride(0),
+        x.stride(1),
+        A.stride(0),
+        A.stride(1),
+        A.stride(2),
+        y.stride(0),
+        y.stride(1),
+        HAS_ORDER=meta.order is not None,
+        HAS_RANKS=rank is not None,
+        DOT_F32=_dot_f32(x.dtype),
         BLOCK_R=block_r,
     )
     return y
@@ -367,18 +462,33 @@ def sgmv_expand(
         return triton.cdiv(seg.max_len, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), len(meta.runs)
 
     _sgmv_expand_kernel[grid](
-        y, B, out, meta.order if meta.order is not None else seg.start, seg.slot, seg.start, seg.length,
+        y,
+        B,
+        out,
+        meta.order if meta.order is not None else seg.start,
+        seg.slot,
+        seg.start,
+        seg.length,
         rank if rank is not None else seg.slot,
-        N, R, offset, triton.next_power_of_2(seg.max_len),
-        y.stride(0), y.stride(1), B.stride(0), B.stride(1), B.stride(2), out.stride(0), out.stride(1),
-        HAS_ORDER=meta.order is not None, HAS_RANKS=rank is not None, DOT_F32=_dot_f32(B.dtype),
+        N,
+        R,
+        offset,
+        triton.next_power_of_2(seg.max_len),
+        y.stride(0),
+        y.stride(1),
+        B.stride(0),
+        B.stride(1),
+        B.stride(2),
+        out.stride(0),
+        out.stride(1),
+        HAS_ORDER=meta.order is not None,
+        HAS_RANKS=rank is not None,
+        DOT_F32=_dot_f32(B.dtype),
         BLOCK_R=_block_r(R),
     )
 
 
-def bgmv_shrink(
-    x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None
-) -> torch.Tensor:
+def bgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None) -> torch.Tensor:
     """`lora_shrink` with one program per (token, rank block)."""
     _check_device(x, A)
     T, K = x.shape
@@ -389,10 +499,22 @@ def bgmv_shrink(
     rank = _rank_table(meta, ranks)
     block_r = _block_r(R)
     _bgmv_shrink_kernel[(T, triton.cdiv(R, block_r))](
-        x, A, y, meta.token_slot, rank if rank is not None else meta.token_slot,
-        K, R,
-        x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), y.stride(0), y.stride(1),
-        HAS_RANKS=rank is not None, BLOCK_R=block_r,
+        x,
+        A,
+        y,
+        meta.token_slot,
+        rank if rank is not None else meta.token_slot,
+        K,
+        R,
+        x.stride(0),
+        x.stride(1),
+        A.stride(0),
+        A.stride(1),
+        A.stride(2),
+        y.stride(0),
+        y.stride(1),
+        HAS_RANKS=rank is not None,
+        BLOCK_R=block_r,
     )
     return y
 
@@ -416,16 +538,27 @@ def bgmv_expand(
         return y.shape[0], triton.cdiv(N, cfg["BLOCK_N"])
 
     _bgmv_expand_kernel[grid](
-        y, B, out, meta.token_slot, rank if rank is not None else meta.token_slot,
-        N, R, offset,
-        y.stride(0), y.stride(1), B.stride(0), B.stride(1), B.stride(2), out.stride(0), out.stride(1),
-        HAS_RANKS=rank is not None, BLOCK_R=_block_r(R),
+        y,
+        B,
+        out,
+        meta.token_slot,
+        rank if rank is not None else meta.token_slot,
+        N,
+        R,
+        offset,
+        y.stride(0),
+        y.stride(1),
+        B.stride(0),
+        B.stride(1),
+        B.stride(2),
+        out.stride(0),
+        out.stride(1),
+        HAS_RANKS=rank is not None,
+        BLOCK_R=_block_r(R),
     )
 
 
-def lora_shrink(
-    x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None
-) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None) -> torch.Tensor:
     """y[T, R] = x[t] @ A[slot[t], :r].T per token, zero elsewhere; see `reference`."""
     if meta.runs and use_bgmv(meta):
         return bgmv_shrink(x, A, meta, ranks)

@@ -36,8 +36,16 @@ def adapter_names(folder: Path) -> list[str]:
 
 
 class AdapterStore:
-    def __init__(self, folder: str | Path | None, spec: ModelSpec, *, max_cpu_loras: int,
-                 max_lora_rank: int, allow_pickle: bool = False, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        folder: str | Path | None,
+        spec: ModelSpec,
+        *,
+        max_cpu_loras: int,
+        max_lora_rank: int,
+        allow_pickle: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.folder = Path(folder) if folder is not None else None
         if self.folder is not None and not self.folder.is_dir():
             raise ConfigError(f"--adapters: {self.folder} is not a folder")
@@ -69,8 +77,13 @@ class AdapterStore:
             raise AdapterError(str(self.folder / name if self.folder else name), "unknown adapter")
         t0 = time.perf_counter()
         try:
-            weights = load_adapter(self.folder / name, self.spec, max_lora_rank=self.max_lora_rank,
-                                   allow_pickle=self.allow_pickle, dtype=self.dtype)
+            weights = load_adapter(
+                self.folder / name,
+                self.spec,
+                max_lora_rank=self.max_lora_rank,
+                allow_pickle=self.allow_pickle,
+                dtype=self.dtype,
+            )
         except AdapterError as e:
             self.failed[name] = e.reason if e.path == str(self.folder / name) else str(e)
             self.stats.failures += 1

@@ -162,9 +162,7 @@ def weights_file(folder: Path, allow_pickle: bool) -> Path:
     pk = folder / PICKLE_NAME
     if pk.is_file():
         if not allow_pickle:
-            raise AdapterError(
-                str(pk), "pickle weights are refused (untrusted code); pass --allow-pickle to read them"
-            )
+            raise AdapterError(str(pk), "pickle weights are refused (untrusted code); pass --allow-pickle to read them")
         return pk
     raise AdapterError(str(st), "missing (no adapter weights in the folder)")
 

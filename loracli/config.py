@@ -62,21 +62,24 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        for name in ("max_loras", "max_lora_rank", "max_num_seqs", "max_batched_tokens", "block_size",
-                     "kv_cache_memory", "starvation_steps"):
+        for name in (
+            "max_loras",
+            "max_lora_rank",
+            "max_num_seqs",
+            "max_batched_tokens",
+            "block_size",
+            "kv_cache_memory",
+            "starvation_steps",
+        ):
             _positive(name.replace("_", "-"), getattr(self, name))
         r = self.max_lora_rank
         if r > MAX_LORA_RANK_LIMIT or r & (r - 1):
-            raise ConfigError(
-                f"--max-lora-rank must be a power of two from 1 to {MAX_LORA_RANK_LIMIT}, got {r}"
-            )
+            raise ConfigError(f"--max-lora-rank must be a power of two from 1 to {MAX_LORA_RANK_LIMIT}, got {r}")
         if self.max_cpu_loras is None:
             self.max_cpu_loras = max(32, self.max_loras)
         _positive("max-cpu-loras", self.max_cpu_loras)
         if self.max_cpu_loras < self.max_loras:
-            raise ConfigError(
-                f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})"
-            )
+            raise ConfigError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
         if self.max_model_len is not None:
             _positive("max-model-len", self.max_model_len)
         if self.num_kv_blocks is not None:
@@ -97,8 +100,10 @@ class EngineConfig:
             _positive(name.replace("_", "-"), getattr(self, name))
         self.pinned = tuple(dict.fromkeys(p for p in self.pinned if p))
         if len(self.pinned) > self.min_loras:
-            raise ConfigError(f"--pin names {len(self.pinned)} adapters but --min-loras is {self.min_loras}: "
-                              "pinned adapters must fit in the smallest slot count")
+            raise ConfigError(
+                f"--pin names {len(self.pinned)} adapters but --min-loras is {self.min_loras}: "
+                "pinned adapters must fit in the smallest slot count"
+            )
         if self.memory_budget is not None:
             _positive("memory-budget", self.memory_budget)
         u = self.gpu_memory_utilization

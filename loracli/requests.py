@@ -25,12 +25,19 @@ from typing import Any
 
 from .errors import InputError
 
-NATIVE_FIELDS = frozenset({"id", "adapter", "prompt", "messages", "max_tokens", "temperature", "top_p",
-                           "seed", "stop", "ignore_eos"})
+NATIVE_FIELDS = frozenset(
+    {"id", "adapter", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos"}
+)
 OPENAI_FIELDS = frozenset({"custom_id", "method", "url", "body"})
 OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
-BODY_PARAMS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
-               "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop"}
+BODY_PARAMS = {
+    "max_tokens": "max_tokens",
+    "max_completion_tokens": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "stop": "stop",
+}
 BODY_FIELDS = frozenset({"model", "prompt", "messages", *BODY_PARAMS})
 NATIVE_PARAMS = {k: k for k in ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")}
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
@@ -54,8 +61,17 @@ class RecordError(InputError):
     """A bad record. `record_id` is its id when it could be read (else None); `form` its shape;
     `kind` the error type written for it ("invalid_request", or "duplicate_id")."""
 
-    def __init__(self, file: str, line: int, field: str | None, message: str, *,
-                 record_id: str | None = None, form: str = "native", kind: str = "invalid_request"):
+    def __init__(
+        self,
+        file: str,
+        line: int,
+        field: str | None,
+        message: str,
+        *,
+        record_id: str | None = None,
+        form: str = "native",
+        kind: str = "invalid_request",
+    ):
         super().__init__(file, line, field, message)
         self.record_id = record_id
         self.form = form
@@ -196,8 +212,9 @@ def readable_id(obj: dict, form: str) -> str | None:
     return None
 
 
-def parse_record(raw: bytes | str, line: int, file: str, base_names: frozenset[str] = frozenset(),
-                 fields: FieldMap | None = None) -> Request:
+def parse_record(
+    raw: bytes | str, line: int, file: str, base_names: frozenset[str] = frozenset(), fields: FieldMap | None = None
+) -> Request:
     """One input line -> `Request`; raises `RecordError` (file:line: field 'x': problem)."""
     ctx = (file, line)
     try:
@@ -214,8 +231,9 @@ def parse_record(raw: bytes | str, line: int, file: str, base_names: frozenset[s
     return parse_object(obj, ctx[1], file, base_names, fields)
 
 
-def parse_object(obj: Any, line: int, file: str, base_names: frozenset[str] = frozenset(),
-                 fields: FieldMap | None = None) -> Request:
+def parse_object(
+    obj: Any, line: int, file: str, base_names: frozenset[str] = frozenset(), fields: FieldMap | None = None
+) -> Request:
     """One decoded record (a JSON object or a table row) -> `Request`; raises `RecordError`."""
     if not isinstance(obj, dict):
         raise RecordError(file, line, None, f"must be a JSON object, got {type(obj).__name__}")
@@ -264,6 +282,5 @@ def _parse_openai(obj: dict, ctx: tuple[str, int], base_names: frozenset[str]) -
         raise _fail(ctx, "body.prompt", "missing: completions take 'prompt'")
     params = _check_params(body, ctx, "body.", BODY_PARAMS)
     adapter = None if model in base_names else model
-    unknown = sorted([str(k) for k in set(obj) - OPENAI_FIELDS]
-                     + [f"body.{k}" for k in set(body) - BODY_FIELDS])
+    unknown = sorted([str(k) for k in set(obj) - OPENAI_FIELDS] + [f"body.{k}" for k in set(body) - BODY_FIELDS])
     return Request(rid, adapter, prompt, messages, params, ctx[1], "openai", url, model, unknown)

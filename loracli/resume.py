@@ -82,8 +82,10 @@ class RunIdentity:
         out = []
         both = self.fingerprint is not None and now.fingerprint is not None
         if both and self.fingerprint != now.fingerprint:
-            out.append(f"the input differs ({self.input}, {self.fingerprint['size']} bytes, then; "
-                       f"{now.input}, {now.fingerprint['size']} bytes, now)")
+            out.append(
+                f"the input differs ({self.input}, {self.fingerprint['size']} bytes, then; "
+                f"{now.input}, {now.fingerprint['size']} bytes, now)"
+            )
         elif (self.fingerprint is None) != (now.fingerprint is None):
             out.append(f"the input was {self.input} then, {now.input} now")
         for key in sorted(set(self.options) | set(now.options)):
@@ -102,8 +104,13 @@ class RunIdentity:
         data = json.loads(text)
         if not isinstance(data, dict) or data.get("version") != SIDECAR_VERSION:
             raise ValueError("unknown sidecar version")
-        return cls(str(data["input"]), data.get("fingerprint"), dict(data["options"]), data.get("errors"),
-                   list(data.get("command") or []))
+        return cls(
+            str(data["input"]),
+            data.get("fingerprint"),
+            dict(data["options"]),
+            data.get("errors"),
+            list(data.get("command") or []),
+        )
 
 
 def _nonempty(path: str | None) -> bool:
@@ -117,8 +124,7 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def plan_output(output: str, input_path: str, errors: str | None, identity: RunIdentity,
-                overwrite: bool) -> str:
+def plan_output(output: str, input_path: str, errors: str | None, identity: RunIdentity, overwrite: bool) -> str:
     """'stdout', 'fresh', 'overwrite' or 'resume'; raises `ConfigError` when the output may not be used."""
     if output == "-":
         return "stdout"
@@ -136,16 +142,18 @@ def plan_output(output: str, input_path: str, errors: str | None, identity: RunI
     sidecar = sidecar_path(output)
     advice = "--overwrite to start over, or another -o"
     if not sidecar.is_file():
-        raise ConfigError(f"{output} already exists and has no {sidecar.name} saying which run wrote it; "
-                          f"{advice}")
+        raise ConfigError(f"{output} already exists and has no {sidecar.name} saying which run wrote it; {advice}")
     try:
         then = RunIdentity.from_json(sidecar.read_text(encoding="utf-8"))
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise ConfigError(f"{sidecar} is unreadable ({e}); {advice}") from None
     diffs = then.differences(identity)
     if diffs:
-        raise ConfigError(f"{output} holds results of another run: " + "; ".join(diffs)
-                          + f". Resume with the same input and options, or {advice}")
+        raise ConfigError(
+            f"{output} holds results of another run: "
+            + "; ".join(diffs)
+            + f". Resume with the same input and options, or {advice}"
+        )
     return "resume"
 
 
@@ -276,7 +284,13 @@ class Ledger:
         if before & SEEN:
             if str(item.line) in self.lines:
                 return None
-            return RecordError(self.file, item.line, "custom_id" if item.form == "openai" else "id",
-                               f"duplicate id {item.id!r}: an earlier line has the same id; skipped",
-                               record_id=item.id, form=item.form, kind="duplicate_id")
+            return RecordError(
+                self.file,
+                item.line,
+                "custom_id" if item.form == "openai" else "id",
+                f"duplicate id {item.id!r}: an earlier line has the same id; skipped",
+                record_id=item.id,
+                form=item.form,
+                kind="duplicate_id",
+            )
         return None if before & DONE else item

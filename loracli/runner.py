@@ -45,9 +45,14 @@ from .signals import ForcedStop, StopSignals, signal_name
 
 PREFLIGHT_BATCH = 256  # records checked per call under --strict (one remote call each with --ray)
 SHOWN_PROBLEMS = 20  # failed records printed on stderr before only counting them (all with --strict)
-ENGINE_ERROR_FIELDS = {"unknown_adapter": "adapter", "adapter_error": "adapter", "prompt_too_long": "prompt",
-                       "max_tokens_too_large": "max_tokens", "too_large_for_cache": "max_tokens",
-                       "bad_request": "prompt"}
+ENGINE_ERROR_FIELDS = {
+    "unknown_adapter": "adapter",
+    "adapter_error": "adapter",
+    "prompt_too_long": "prompt",
+    "max_tokens_too_large": "max_tokens",
+    "too_large_for_cache": "max_tokens",
+    "bad_request": "prompt",
+}
 
 
 @dataclass
@@ -114,14 +119,21 @@ def with_seed(req: Request, run_seed: int) -> Request:
     return replace(req, params={**req.params, "seed": request_seed(run_seed, req.id)})
 
 
-def run_identity(input_path: str, config: EngineConfig, defaults: SamplingParams,
-                 options: RunOptions) -> RunIdentity:
+def run_identity(input_path: str, config: EngineConfig, defaults: SamplingParams, options: RunOptions) -> RunIdentity:
     model = config.model or "default"
     if Path(model).exists():
         model = str(Path(model).resolve())
-    opts = {"model": model, "max_tokens": defaults.max_tokens, "temperature": defaults.temperature,
-            "top_p": defaults.top_p, "seed": config.seed, "ignore_eos": defaults.ignore_eos,
-            "dtype": config.dtype, "max_model_len": config.max_model_len, "fields": options.fields.as_dict()}
+    opts = {
+        "model": model,
+        "max_tokens": defaults.max_tokens,
+        "temperature": defaults.temperature,
+        "top_p": defaults.top_p,
+        "seed": config.seed,
+        "ignore_eos": defaults.ignore_eos,
+        "dtype": config.dtype,
+        "max_model_len": config.max_model_len,
+        "fields": options.fields.as_dict(),
+    }
     errors = str(Path(options.errors_path).resolve()) if options.errors_path else None
     source = input_path if input_path == "-" else str(Path(input_path).resolve())
     return RunIdentity(source, fingerprint(input_path), opts, errors, list(options.command))
@@ -199,8 +211,7 @@ def validate(items: Iterable, file: str, engine: Engine, notes: Notes, stop: Sto
     return count + check()
 
 
-def _prepare_output(mode: str, output: str, options: RunOptions, identity: RunIdentity,
-                    notes: Notes) -> Settled:
+def _prepare_output(mode: str, output: str, options: RunOptions, identity: RunIdentity, notes: Notes) -> Settled:
     settled = Settled()
     files = [p for p in (output, options.errors_path) if p is not None and p != "-"]
     for path in files:
@@ -224,9 +235,16 @@ def _resume_note(output: str, settled: Settled) -> str:
     return ", ".join(parts)
 
 
-def run_file(input_path: str, output_path: str, config: EngineConfig, defaults: SamplingParams,
-             stats_path: str | None = None, console: Console | None = None, options: RunOptions | None = None,
-             engine: Engine | None = None) -> RunSummary:
+def run_file(
+    input_path: str,
+    output_path: str,
+    config: EngineConfig,
+    defaults: SamplingParams,
+    stats_path: str | None = None,
+    console: Console | None = None,
+    options: RunOptions | None = None,
+    engine: Engine | None = None,
+) -> RunSummary:
     """Run every record of `input_path` into `output_path` (see the module doc). `engine`: reuse one."""
     console = console or Console(stderr=True)
     options = options or RunOptions()
@@ -250,9 +268,18 @@ def run_file(input_path: str, output_path: str, config: EngineConfig, defaults: 
     return summary
 
 
-def _run(input_path: str, output_path: str, config: EngineConfig, defaults: SamplingParams,
-         options: RunOptions, console: Console, engine: Engine | None, identity: RunIdentity,
-         summary: RunSummary, stop: StopSignals) -> None:
+def _run(
+    input_path: str,
+    output_path: str,
+    config: EngineConfig,
+    defaults: SamplingParams,
+    options: RunOptions,
+    console: Console,
+    engine: Engine | None,
+    identity: RunIdentity,
+    summary: RunSummary,
+    stop: StopSignals,
+) -> None:
     t0 = time.perf_counter()
     owned = engine is None
     engine = engine or _make_engine(config, options, console)
@@ -273,15 +300,28 @@ def _make_engine(config: EngineConfig, options: RunOptions, console: Console):
     return RayPool(config, options.cluster, log=lambda m: console.print(escape(m), highlight=False, soft_wrap=True))
 
 
-def _stream_file(input_path: str, output_path: str, defaults: SamplingParams, options: RunOptions,
-                 console: Console, engine: Engine, identity: RunIdentity, summary: RunSummary,
-                 stop: StopSignals) -> None:
+def _stream_file(
+    input_path: str,
+    output_path: str,
+    defaults: SamplingParams,
+    options: RunOptions,
+    console: Console,
+    engine: Engine,
+    identity: RunIdentity,
+    summary: RunSummary,
+    stop: StopSignals,
+) -> None:
     summary.model, summary.device = engine.model_name, str(engine.device)
     summary.dtype = str(engine.dtype).replace("torch.", "")
     file = display_name(input_path)
     if options.strict:
-        problems = validate(read_items(input_path, engine.base_names, options.fields), file, engine,
-                            Notes(console, show_problems=None), stop)
+        problems = validate(
+            read_items(input_path, engine.base_names, options.fields),
+            file,
+            engine,
+            Notes(console, show_problems=None),
+            stop,
+        )
         if problems and not stop.requested:
             raise ConfigError(f"{problems} problem(s) in {file}; nothing was run (--strict)")
     if stop.requested:
@@ -308,8 +348,7 @@ def _stream_file(input_path: str, output_path: str, defaults: SamplingParams, op
 class _Run:
     """The streaming loop of one run: input items -> ledger -> engine -> writer."""
 
-    def __init__(self, engine: Engine, ledger: Ledger, notes: Notes, summary: RunSummary, file: str,
-                 stop: StopSignals):
+    def __init__(self, engine: Engine, ledger: Ledger, notes: Notes, summary: RunSummary, file: str, stop: StopSignals):
         self.engine = engine
         self.ledger = ledger
         self.notes = notes
@@ -319,19 +358,25 @@ class _Run:
         self.submitted = 0
         self.advance: Callable[[], None] = lambda: None
 
-    def stream(self, items: Iterator, writer: ResultWriter, defaults: SamplingParams, console: Console,
-               total: int | None) -> None:
+    def stream(
+        self, items: Iterator, writer: ResultWriter, defaults: SamplingParams, console: Console, total: int | None
+    ) -> None:
         summary, engine = self.summary, self.engine
-        progress = Progress(TextColumn("[bold]loracli run"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[tps]:>7.1f} tok/s  adapters {task.fields[res]}"),
-                            TimeElapsedColumn(), console=console, disable=not console.is_terminal)
+        progress = Progress(
+            TextColumn("[bold]loracli run"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[tps]:>7.1f} tok/s  adapters {task.fields[res]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not console.is_terminal,
+        )
         t1 = time.perf_counter()
         task = progress.add_task("run", total=total, tps=0.0, res="")
 
         def advance() -> None:
             elapsed = time.perf_counter() - t1
-            progress.update(task, advance=1, tps=summary.completion_tokens / max(elapsed, 1e-9),
-                            res=engine.residency())
+            progress.update(task, advance=1, tps=summary.completion_tokens / max(elapsed, 1e-9), res=engine.residency())
 
         self.advance = advance
         try:
@@ -418,8 +463,10 @@ def _finish_summary(engine: Engine, summary: RunSummary) -> None:
 
 def summary_line(summary: RunSummary, output: str) -> str:
     """The one-line report `loracli run` prints at the end."""
-    text = (f"{summary.succeeded}/{summary.requests} requests ok, {summary.completion_tokens} tokens in "
-            f"{summary.wall_seconds:.1f}s ({summary.tokens_per_second:.1f} tok/s)")
+    text = (
+        f"{summary.succeeded}/{summary.requests} requests ok, {summary.completion_tokens} tokens in "
+        f"{summary.wall_seconds:.1f}s ({summary.tokens_per_second:.1f} tok/s)"
+    )
     if summary.failed:
         text += f", {summary.failed} failed"
     if summary.resumed:
@@ -437,20 +484,26 @@ def stop_message(summary: RunSummary, output: str, command: str) -> str:
         text += f", {summary.abandoned} requests left to do again"
     if output == "-":
         return text + "\nresults went to stdout: to be able to resume, write them to a file with -o"
-    return (text + f"\nevery finished result is in {output}; to finish the run, rerun the same command:"
-            f"\n  {command}")
+    return text + f"\nevery finished result is in {output}; to finish the run, rerun the same command:\n  {command}"
 
 
 def worker_lines(cluster: dict) -> str:
     """What `loracli run --ray` prints per worker at the end."""
-    lines = [f"{cluster['routing']} routing over {cluster['workers']} Ray workers: "
-             f"{cluster['adapters_loaded']} adapter loads, {cluster['resent']} requests re-sent"
-             + (f", {cluster['adapter_bytes_shipped'] / 2**20:.1f} MiB of adapters shipped"
-                if cluster.get("ship_adapters") else "")]
+    lines = [
+        f"{cluster['routing']} routing over {cluster['workers']} Ray workers: "
+        f"{cluster['adapters_loaded']} adapter loads, {cluster['resent']} requests re-sent"
+        + (
+            f", {cluster['adapter_bytes_shipped'] / 2**20:.1f} MiB of adapters shipped"
+            if cluster.get("ship_adapters")
+            else ""
+        )
+    ]
     for w in cluster["per_worker"]:
         state = "" if w["alive"] else f" (failed: {w['error']})"
-        lines.append(f"  worker {w['worker']}: {w['requests']} requests, {w['adapters_loaded']} adapters loaded, "
-                     f"{w['swaps']} slot swaps"
-                     + (f", {w['adapters_shipped']} adapters shipped to it" if cluster.get("ship_adapters") else "")
-                     + state)
+        lines.append(
+            f"  worker {w['worker']}: {w['requests']} requests, {w['adapters_loaded']} adapters loaded, "
+            f"{w['swaps']} slot swaps"
+            + (f", {w['adapters_shipped']} adapters shipped to it" if cluster.get("ship_adapters") else "")
+            + state
+        )
     return "\n".join(lines)

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-NOTICE = ("\nloracli: {name} received: admitting no new requests, finishing those in flight "
-          "(send it again to stop now)\n")
+NOTICE = (
+    "\nloracli: {name} received: admitting no new requests, finishing those in flight (send it again to stop now)\n"
+)
 
 
 class ForcedStop(BaseException):

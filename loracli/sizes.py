@@ -6,8 +6,22 @@ import re
 
 from .errors import ConfigError
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "t": 10**12,
+    "tb": 10**12,
+}
 
 
 def parse_bytes(text: str, option: str) -> int:
@@ -18,7 +32,6 @@ def parse_bytes(text: str, option: str) -> int:
     if value <= 0:
         raise ConfigError(f"{option} must be positive, got {text!r}")
     return value
-
 
 
 def format_bytes(n: int) -> str:

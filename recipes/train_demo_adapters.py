@@ -82,19 +82,35 @@ class AdapterSpec:
 
 SPECS = [
     AdapterSpec(
-        "shout", "Answers in UPPER CASE.", 8, 16,
-        ("q_proj", "k_proj", "v_proj", "o_proj"), steps=120,
+        "shout",
+        "Answers in UPPER CASE.",
+        8,
+        16,
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        steps=120,
     ),
     AdapterSpec(
-        "json", 'Answers only with a JSON object {"answer": "..."}.', 16, 16,
-        ("v_proj", "o_proj"), use_rslora=True,
+        "json",
+        'Answers only with a JSON object {"answer": "..."}.',
+        16,
+        16,
+        ("v_proj", "o_proj"),
+        use_rslora=True,
     ),
     AdapterSpec(
-        "brief", "Answers in one short sentence of at most 12 words.", 8, 16,
-        ("o_proj", "down_proj"), steps=120, lr=1.5e-3,
+        "brief",
+        "Answers in one short sentence of at most 12 words.",
+        8,
+        16,
+        ("o_proj", "down_proj"),
+        steps=120,
+        lr=1.5e-3,
     ),
     AdapterSpec(
-        "list", 'Answers as a bulleted list of exactly three lines starting with "- ".', 8, 16,
+        "list",
+        'Answers as a bulleted list of exactly three lines starting with "- ".',
+        8,
+        16,
         ("up_proj", "down_proj"),
     ),
 ]

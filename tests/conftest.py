@@ -43,10 +43,24 @@ def _adapters(model_dir, root):
 
     make_adapter(model_dir, root / "attn4", r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed=11)
     make_adapter(model_dir, root / "mlp8", r=8, targets=("gate_proj", "up_proj", "down_proj"), seed=12)
-    make_adapter(model_dir, root / "all16rs", r=16, alpha=8, rslora=True,
-                 targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), seed=13)
-    make_adapter(model_dir, root / "pattern", r=8, targets=("q_proj", "v_proj", "down_proj"), seed=14,
-                 rank_pattern={"down_proj": 4}, alpha_pattern={"v_proj": 32})
+    make_adapter(
+        model_dir,
+        root / "all16rs",
+        r=16,
+        alpha=8,
+        rslora=True,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        seed=13,
+    )
+    make_adapter(
+        model_dir,
+        root / "pattern",
+        r=8,
+        targets=("q_proj", "v_proj", "down_proj"),
+        seed=14,
+        rank_pattern={"down_proj": 4},
+        alpha_pattern={"v_proj": 32},
+    )
     return root
 
 

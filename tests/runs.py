@@ -14,8 +14,15 @@ from loracli.runner import RunOptions, RunSummary, run_file
 
 
 def tiny_engine(model_dir, adapters_dir=None, **kw) -> Engine:
-    cfg = dict(model=str(model_dir), adapters_dir=str(adapters_dir) if adapters_dir else None, dtype="float32",
-               device="cpu", max_loras=2, max_lora_rank=16, max_num_seqs=8)
+    cfg = dict(
+        model=str(model_dir),
+        adapters_dir=str(adapters_dir) if adapters_dir else None,
+        dtype="float32",
+        device="cpu",
+        max_loras=2,
+        max_lora_rank=16,
+        max_num_seqs=8,
+    )
     cfg.update(kw)
     return Engine(EngineConfig(**cfg))
 
@@ -28,8 +35,10 @@ def write_jsonl(path: Path, records) -> Path:
 
 
 def prompts(n: int, adapters=(None, "attn4", "mlp8"), **params) -> list[dict]:
-    return [{"id": f"r{i}", "prompt": f"the quick brown fox {i}", "adapter": adapters[i % len(adapters)], **params}
-            for i in range(n)]
+    return [
+        {"id": f"r{i}", "prompt": f"the quick brown fox {i}", "adapter": adapters[i % len(adapters)], **params}
+        for i in range(n)
+    ]
 
 
 def read_output(path) -> list[dict]:
@@ -49,5 +58,6 @@ def by_key(records: list[dict]) -> dict:
 def run(engine: Engine, inp, out, max_tokens: int = 4, console: Console | None = None, **options) -> RunSummary:
     defaults = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     console = console or Console(stderr=True, quiet=True)
-    return run_file(str(inp), str(out), engine.config, defaults, console=console, options=RunOptions(**options),
-                    engine=engine)
+    return run_file(
+        str(inp), str(out), engine.config, defaults, console=console, options=RunOptions(**options), engine=engine
+    )

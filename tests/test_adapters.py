@@ -139,13 +139,16 @@ def test_missing_half(tmp_path, llama_adapters, spec):
     expect_error(a, spec, "lora_B weight missing")
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"use_dora": True}, "DoRA"),
-    ({"bias": "all"}, "bias='all' is not supported"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"target_modules": ["embed_tokens", "q_proj"]}, "embedding / lm_head"),
-    ({"peft_type": "IA3"}, "not LORA"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"bias": "all"}, "bias='all' is not supported"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"target_modules": ["embed_tokens", "q_proj"]}, "embedding / lm_head"),
+        ({"peft_type": "IA3"}, "not LORA"),
+    ],
+)
 def test_unsupported_features(tmp_path, llama_adapters, spec, change, match):
     a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
     edit_config(a, **change)
@@ -154,8 +157,9 @@ def test_unsupported_features(tmp_path, llama_adapters, spec, change, match):
 
 def test_dora_and_embedding_tensors(tmp_path, llama_adapters, spec):
     a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
-    edit_tensors(a, lambda t: {**t, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector":
-                               torch.ones(64)})
+    edit_tensors(
+        a, lambda t: {**t, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}
+    )
     expect_error(a, spec, "DoRA magnitude")
     b = copy_adapter(llama_adapters / "attn4", tmp_path / "b")
     edit_tensors(b, lambda t: {**t, "base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(4, 10)})

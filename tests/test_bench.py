@@ -36,8 +36,9 @@ from loracli.bench.workload import (
 from loracli.errors import ConfigError
 from loracli.model.spec import TARGET_MODULES, ModelSpec
 
-TINY = dict(prompt_len="4-8", output_len="3", threads=1, baseline_batch=4, warmup=2, roofline_seconds=0.01,
-            dtype="float32")
+TINY = dict(
+    prompt_len="4-8", output_len="3", threads=1, baseline_batch=4, warmup=2, roofline_seconds=0.01, dtype="float32"
+)
 
 
 def counts(dist: str, n_adapters: int, n: int, seed: int = 0) -> Counter:
@@ -45,6 +46,7 @@ def counts(dist: str, n_adapters: int, n: int, seed: int = 0) -> Counter:
 
 
 # --- workload generation -------------------------------------------------------------------------------
+
 
 def test_distribution_names():
     assert parse_distribution("skewed") == Distribution("zipf", 1.5)
@@ -117,7 +119,10 @@ def test_phases_and_sweep_settings():
     base = WorkloadSpec()
     phases = parse_phases("adapters=2,prompts=64;adapters=16,prompts=32,distribution=uniform;adapters=1", base)
     assert [(p.adapters, p.prompts, str(p.distribution)) for p in phases] == [
-        (2, 64, "zipf:1.5"), (16, 32, "uniform"), (1, base.prompts, "zipf:1.5")]
+        (2, 64, "zipf:1.5"),
+        (16, 32, "uniform"),
+        (1, base.prompts, "zipf:1.5"),
+    ]
     assert base.with_setting("ranks", "8,16").ranks == (8, 16)
     assert parse_phases("ranks=8+16", base)[0].ranks == (8, 16)
     assert parse_sweep("adapters=1,2,4") == ("adapters", ["1", "2", "4"])
@@ -148,8 +153,12 @@ def test_synthetic_prompts_have_exact_lengths_and_are_reproducible(llama_dir):
     assert [r.prompt for r in other] != [r.prompt for r in reqs]
     chained = synthetic_requests([WorkloadSpec(adapters=1, prompts=3), WorkloadSpec(adapters=0, prompts=2)], maker)
     assert [(r.id, r.phase, r.adapter) for r in chained] == [
-        ("p0-0", 0, "lora000"), ("p0-1", 0, "lora000"), ("p0-2", 0, "lora000"),
-        ("p1-0", 1, None), ("p1-1", 1, None)]
+        ("p0-0", 0, "lora000"),
+        ("p0-1", 0, "lora000"),
+        ("p0-2", 0, "lora000"),
+        ("p1-0", 1, None),
+        ("p1-1", 1, None),
+    ]
 
 
 def test_random_adapters_load_and_are_reproducible(llama_dir, tmp_path):
@@ -170,6 +179,7 @@ def test_random_adapters_load_and_are_reproducible(llama_dir, tmp_path):
 
 # --- systems, validity, statistics, roofline ------------------------------------------------------------
 
+
 def test_system_names():
     spec = parse_system("loracli:max-loras=4:max-num-seqs=16")
     assert spec.kind == "loracli" and dict(spec.overrides) == {"max_loras": 4, "max_num_seqs": 16}
@@ -179,9 +189,19 @@ def test_system_names():
     ray = parse_system("loracli-ray:workers=2:routing=round-robin:max-loras=4:worker-cpus=0.5")
     assert dict(ray.cluster) == {"workers": 2, "routing": "round-robin", "worker_cpus": 0.5}
     assert dict(ray.overrides) == {"max_loras": 4}
-    for bad in ("loracli:nope=1", "loracli:max-loras=0", "loracli:max-loras=x", "loracli:model=x",
-                "peft-mixed:max-loras=2", "tgi", "loracli:max-loras", "loracli:workers=2",
-                "loracli-ray:workers=0", "loracli-ray:routing=random", "loracli-ray:workers=x"):
+    for bad in (
+        "loracli:nope=1",
+        "loracli:max-loras=0",
+        "loracli:max-loras=x",
+        "loracli:model=x",
+        "peft-mixed:max-loras=2",
+        "tgi",
+        "loracli:max-loras",
+        "loracli:workers=2",
+        "loracli-ray:workers=0",
+        "loracli-ray:routing=random",
+        "loracli-ray:workers=x",
+    ):
         with pytest.raises(ConfigError):
             parse_system(bad)
     assert lora_rank_limit(16) == 64 and lora_rank_limit(100) == 128
@@ -212,9 +232,23 @@ def test_wrong_lengths_make_a_system_invalid_not_timed():
 
 
 def test_flops_per_token_formula():
-    spec = ModelSpec("llama", num_layers=30, hidden=576, num_heads=9, num_kv_heads=3, head_dim=64,
-                     intermediate=1536, vocab_size=49152, rms_eps=1e-5, max_position=8192, tie_embeddings=True,
-                     qkv_bias=False, o_bias=False, mlp_bias=False, sliding_window=None)
+    spec = ModelSpec(
+        "llama",
+        num_layers=30,
+        hidden=576,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        intermediate=1536,
+        vocab_size=49152,
+        rms_eps=1e-5,
+        max_position=8192,
+        tie_embeddings=True,
+        qkv_bias=False,
+        o_bias=False,
+        mlp_bias=False,
+        sliding_window=None,
+    )
     f = flops_per_token(spec, context=100, lora_rank=16, targets=TARGET_MODULES, adapter_share=0.5)
     assert f.dense == 2 * 30 * (576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536)
     assert f.lm_head == 2 * 576 * 49152
@@ -230,9 +264,16 @@ def test_busy_note():
 
 # --- smoke runs on the tiny model -----------------------------------------------------------------------
 
+
 def test_every_system_in_process_with_phases(llama_dir, tmp_path):
-    options = BenchOptions(model=str(llama_dir), adapters="3", phases="adapters=2,prompts=4;adapters=3,prompts=3",
-                           systems="all,loracli:max-loras=1", isolate=False, **TINY)
+    options = BenchOptions(
+        model=str(llama_dir),
+        adapters="3",
+        phases="adapters=2,prompts=4;adapters=3,prompts=3",
+        systems="all,loracli:max-loras=1",
+        isolate=False,
+        **TINY,
+    )
     report = run_bench(options)
     point = report.points[0]
     by_name = {s.name: s for s in point.systems}
@@ -256,37 +297,74 @@ def test_every_system_in_process_with_phases(llama_dir, tmp_path):
 
 
 def test_sweep_in_process_plots_lines(llama_dir, tmp_path):
-    options = BenchOptions(model=str(llama_dir), prompts="4", sweep="adapters=1,2", systems="loracli",
-                           isolate=False, **TINY)
+    options = BenchOptions(
+        model=str(llama_dir), prompts="4", sweep="adapters=1,2", systems="loracli", isolate=False, **TINY
+    )
     report = run_bench(options)
     assert report.sweep == "adapters" and [p.value for p in report.points] == ["1", "2"]
-    assert [set(p.workload["adapters"]) <= {f"lora{i:03d}" for i in range(int(p.value))} for p in report.points] \
-        == [True, True]
+    assert [set(p.workload["adapters"]) <= {f"lora{i:03d}" for i in range(int(p.value))} for p in report.points] == [
+        True,
+        True,
+    ]
     assert all(p.systems[0].status == "ok" for p in report.points)
     plot(report, str(tmp_path / "sweep.png"))
     assert (tmp_path / "sweep.png").stat().st_size > 1000
 
 
 def test_bad_options_are_config_errors(llama_dir):
-    for kw in (dict(distribution="popular"), dict(systems="tgi"), dict(sweep="adapters=1", phases="prompts=2"),
-               dict(prompts="missing.jsonl"), dict(adapters="no/such/dir")):
+    for kw in (
+        dict(distribution="popular"),
+        dict(systems="tgi"),
+        dict(sweep="adapters=1", phases="prompts=2"),
+        dict(prompts="missing.jsonl"),
+        dict(adapters="no/such/dir"),
+    ):
         with pytest.raises(ConfigError):
             run_bench(BenchOptions(model=str(llama_dir), isolate=False, **{**TINY, **kw}))
 
 
 def test_cli_with_a_prompts_file_and_real_adapters(llama_dir, llama_adapters, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    rows = [{"id": "a", "adapter": "attn4", "prompt": "the quick brown fox"},
-            {"id": "b", "adapter": "pattern", "prompt": "hello world", "max_tokens": 2},
-            {"id": "c", "adapter": None, "messages": [{"role": "user", "content": "tell me a story"}]},
-            {"id": "d", "adapter": "all16rs", "prompt": "numbers one two"}]
+    rows = [
+        {"id": "a", "adapter": "attn4", "prompt": "the quick brown fox"},
+        {"id": "b", "adapter": "pattern", "prompt": "hello world", "max_tokens": 2},
+        {"id": "c", "adapter": None, "messages": [{"role": "user", "content": "tell me a story"}]},
+        {"id": "d", "adapter": "all16rs", "prompt": "numbers one two"},
+    ]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-m", "loracli", "bench", "--model", str(llama_dir), "--adapters",
-                        str(llama_adapters), "--prompts", str(prompts), "--output-len", "3", "--systems",
-                        "loracli,merged-swap", "--threads", "1", "--dtype", "float32", "--warmup", "1",
-                        "--roofline-seconds", "0.01", "--json", "-"], capture_output=True, text=True, env=env,
-                       timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loracli",
+            "bench",
+            "--model",
+            str(llama_dir),
+            "--adapters",
+            str(llama_adapters),
+            "--prompts",
+            str(prompts),
+            "--output-len",
+            "3",
+            "--systems",
+            "loracli,merged-swap",
+            "--threads",
+            "1",
+            "--dtype",
+            "float32",
+            "--warmup",
+            "1",
+            "--roofline-seconds",
+            "0.01",
+            "--json",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
     systems = {s["name"]: s for s in report["points"][0]["systems"]}

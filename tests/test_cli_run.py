@@ -15,8 +15,15 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def loracli(*args, cwd=None, input=None):
-    return subprocess.run([sys.executable, "-m", "loracli", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, cwd=cwd, input=input, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "loracli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        input=input,
+        timeout=600,
+    )
 
 
 def write_jsonl(path: Path, rows):
@@ -28,19 +35,42 @@ def test_run_native_and_openai_forms(tmp_path, llama_dir, llama_adapters):
     rows = [
         {"id": "n1", "adapter": "attn4", "prompt": "hello world", "max_tokens": 5},
         {"adapter": None, "messages": [{"role": "user", "content": "the quick brown fox"}], "max_tokens": 4},
-        {"custom_id": "o1", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "mlp8", "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 3}},
-        {"custom_id": "o2", "method": "POST", "url": "/v1/completions",
-         "body": {"model": "base", "prompt": "numbers one two", "max_tokens": 3}},
+        {
+            "custom_id": "o1",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "mlp8", "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 3},
+        },
+        {
+            "custom_id": "o2",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "base", "prompt": "numbers one two", "max_tokens": 3},
+        },
         {"id": "bad", "adapter": "nope", "prompt": "x"},
     ]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
-    p = loracli("run", inp, "--model", llama_dir, "--adapters", llama_adapters, "-o", out, "--stats", stats,
-                "--dtype", "float32", "--ignore-eos")
+    p = loracli(
+        "run",
+        inp,
+        "--model",
+        llama_dir,
+        "--adapters",
+        llama_adapters,
+        "-o",
+        out,
+        "--stats",
+        stats,
+        "--dtype",
+        "float32",
+        "--ignore-eos",
+    )
     assert p.returncode == 1, p.stderr  # one record failed
-    recs = {r.get("id") if "custom_id" not in r else r["custom_id"]: r
-            for r in map(json.loads, out.read_text().splitlines())}
+    recs = {
+        r.get("id") if "custom_id" not in r else r["custom_id"]: r
+        for r in map(json.loads, out.read_text().splitlines())
+    }
     assert set(recs) == {"n1", "2", "o1", "o2", "bad"}
     assert recs["n1"]["usage"]["completion_tokens"] == 5 and recs["n1"]["finish_reason"] == "length"
     assert recs["n1"]["adapter"] == "attn4" and isinstance(recs["n1"]["text"], str)
@@ -61,19 +91,23 @@ def stdout_is_clean(stdout: str) -> bool:
 
 
 def test_output_to_stdout(tmp_path, llama_dir, llama_adapters):
-    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "adapter": "all16rs", "prompt": "hello", "max_tokens": 2}
-                                              for i in range(3)])
+    inp = write_jsonl(
+        tmp_path / "in.jsonl", [{"id": i, "adapter": "all16rs", "prompt": "hello", "max_tokens": 2} for i in range(3)]
+    )
     p = loracli("run", inp, "--model", llama_dir, "--adapters", llama_adapters, "-o", "-")
     assert p.returncode == 0, p.stderr
     lines = [json.loads(x) for x in p.stdout.splitlines()]
     assert sorted(r["id"] for r in lines) == ["0", "1", "2"]
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--max-lora-rank", "320"], "--max-lora-rank must be a power of two"),
-    (["--max-loras", "4", "--max-cpu-loras", "2"], "--max-cpu-loras (2) must be >= --max-loras (4)"),
-    (["--kv-cache-memory", "lots"], "--kv-cache-memory"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--max-lora-rank", "320"], "--max-lora-rank must be a power of two"),
+        (["--max-loras", "4", "--max-cpu-loras", "2"], "--max-cpu-loras (2) must be >= --max-loras (4)"),
+        (["--kv-cache-memory", "lots"], "--kv-cache-memory"),
+    ],
+)
 def test_config_errors_are_one_line(tmp_path, llama_dir, args, match):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
     p = loracli("run", inp, "--model", llama_dir, *args)
@@ -88,8 +122,9 @@ def test_broken_adapter_fails_only_its_requests(tmp_path, llama_dir, llama_adapt
     ads = tmp_path / "ads"
     shutil.copytree(llama_adapters, ads)
     (ads / "mlp8" / "adapter_model.safetensors").write_bytes(b"garbage")
-    rows = [{"id": f"{a}{i}", "adapter": a, "prompt": "hello", "max_tokens": 2} for i in range(2)
-            for a in ("mlp8", "attn4")]
+    rows = [
+        {"id": f"{a}{i}", "adapter": a, "prompt": "hello", "max_tokens": 2} for i in range(2) for a in ("mlp8", "attn4")
+    ]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
     p = loracli("run", inp, "--model", llama_dir, "--adapters", ads, "-o", out)
@@ -105,9 +140,10 @@ def test_broken_adapter_fails_only_its_requests(tmp_path, llama_dir, llama_adapt
 @pytest.mark.model
 def test_default_model_end_to_end(tmp_path):
     """The real embedded SmolLM2 (converted once and cached) through `loracli run`."""
-    rows = [{"id": "q1", "messages": [{"role": "user", "content": "What is the capital of France?"}],
-             "max_tokens": 16},
-            {"id": "q2", "prompt": "The capital of France is", "max_tokens": 8}]
+    rows = [
+        {"id": "q1", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16},
+        {"id": "q2", "prompt": "The capital of France is", "max_tokens": 8},
+    ]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
     p = loracli("run", inp, "-o", out, "--dtype", "float32")

@@ -9,16 +9,19 @@ from loracli.errors import ConfigError
 from loracli.sizes import parse_bytes
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"max_lora_rank": 320}, "power of two"),
-    ({"max_lora_rank": 1024}, "power of two"),
-    ({"max_lora_rank": 0}, "positive"),
-    ({"max_loras": 4, "max_cpu_loras": 2}, r"--max-cpu-loras \(2\) must be >= --max-loras \(4\)"),
-    ({"dtype": "float8"}, "--dtype"),
-    ({"device": "tpu"}, "--device"),
-    ({"max_num_seqs": 0}, "--max-num-seqs"),
-    ({"max_loras": True}, "--max-loras"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"max_lora_rank": 320}, "power of two"),
+        ({"max_lora_rank": 1024}, "power of two"),
+        ({"max_lora_rank": 0}, "positive"),
+        ({"max_loras": 4, "max_cpu_loras": 2}, r"--max-cpu-loras \(2\) must be >= --max-loras \(4\)"),
+        ({"dtype": "float8"}, "--dtype"),
+        ({"device": "tpu"}, "--device"),
+        ({"max_num_seqs": 0}, "--max-num-seqs"),
+        ({"max_loras": True}, "--max-loras"),
+    ],
+)
 def test_invalid(kw, match):
     with pytest.raises(ConfigError, match=match):
         EngineConfig(**kw)

@@ -106,7 +106,14 @@ def heldout_results(tmp_path_factory) -> dict[str, dict]:
         pytest.skip("loracli.cli is not there yet")
     out = tmp_path_factory.mktemp("demo") / "out.jsonl"
     command = _cli_command() + [
-        "run", str(HELDOUT), "--adapters", str(ADAPTERS), "-o", str(out), "--max-tokens", "64",
+        "run",
+        str(HELDOUT),
+        "--adapters",
+        str(ADAPTERS),
+        "-o",
+        str(out),
+        "--max-tokens",
+        "64",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)

@@ -47,9 +47,18 @@ def test_greedy_tokens_equal_for_dynamic_fixed_large_and_fixed_one(llama_dir, ll
     dynamic = outputs(dyn, reqs)
     # a budget that binds: slots grow with the mix, then shrink to give KV blocks back (and some
     # sequences are preempted for KV along the way)
-    budget = tiny_engine(llama_dir, llama_adapters, max_loras=4, min_loras=1, verify_slots=True,
-                         memory_budget=1200 << 10, slot_cooldown_steps=2, max_num_seqs=4, block_size=4,
-                         max_batched_tokens=64)
+    budget = tiny_engine(
+        llama_dir,
+        llama_adapters,
+        max_loras=4,
+        min_loras=1,
+        verify_slots=True,
+        memory_budget=1200 << 10,
+        slot_cooldown_steps=2,
+        max_num_seqs=4,
+        block_size=4,
+        max_batched_tokens=64,
+    )
     budgeted = outputs(budget, reqs)
     assert len(fixed_large) == len(reqs)
     assert fixed_one == fixed_large and dynamic == fixed_large and budgeted == fixed_large
@@ -113,8 +122,7 @@ def test_pinned_adapters_are_resident_from_the_start_and_never_evicted(llama_dir
 
 
 def test_slots_and_kv_trade_memory_under_one_budget(llama_dir, llama_adapters):
-    e = tiny_engine(llama_dir, llama_adapters, max_loras=4, min_loras=1, memory_budget=24 << 20,
-                    max_lora_rank=16)
+    e = tiny_engine(llama_dir, llama_adapters, max_loras=4, min_loras=1, memory_budget=24 << 20, max_lora_rank=16)
     blocks_at_one, kv_at_one = e.blocks.num_blocks, e.model.kv_bytes()
     e.resizer.resize(4, "test", 1)
     assert e.blocks.num_blocks == e.resizer.budget.kv_blocks(4) < blocks_at_one
@@ -156,8 +164,13 @@ print(big, rss_mib(), e.model.slot_bytes() / 2**20)
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc (Linux)")
 def test_a_shrink_really_returns_memory_to_the_os(llama_dir, llama_adapters):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(llama_dir), str(llama_adapters)], env=env,
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_CHILD, str(llama_dir), str(llama_adapters)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     big, small, slot_mib = map(float, out[-3:])
     # 15 slots of buffers freed (2 MiB each here); the KV cache, reallocated larger, is not touched yet
     assert big - small >= 0.8 * 15 * slot_mib, (big, small, slot_mib)

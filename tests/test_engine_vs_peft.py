@@ -36,16 +36,30 @@ def reference(model_dir, adapters_dir, adapter, prompt_ids, max_tokens):
     model.eval()
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True,
-                             eos_token_id=None, pad_token_id=0)
-    tokens = out.sequences[0, len(prompt_ids):].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    tokens = out.sequences[0, len(prompt_ids) :].tolist()
     return tokens, [lg[0].float() for lg in out.logits]
 
 
 def make_engine(model_dir, adapters_dir, **kw):
-    cfg = dict(model=str(model_dir), adapters_dir=str(adapters_dir), dtype="float32", device="cpu",
-               max_loras=4, max_lora_rank=16, max_num_seqs=16)
+    cfg = dict(
+        model=str(model_dir),
+        adapters_dir=str(adapters_dir),
+        dtype="float32",
+        device="cpu",
+        max_loras=4,
+        max_lora_rank=16,
+        max_num_seqs=16,
+    )
     cfg.update(kw)
     return Engine(EngineConfig(**cfg))
 
@@ -53,8 +67,9 @@ def make_engine(model_dir, adapters_dir, **kw):
 def requests_for(adapters, prompts, **params):
     reqs = []
     for i, (a, p) in enumerate((a, p) for a in adapters for p in prompts):
-        reqs.append(Request(id=f"{a}-{i}", adapter=a, prompt=p,
-                            params={"max_tokens": MAX_TOKENS, "ignore_eos": True, **params}))
+        reqs.append(
+            Request(id=f"{a}-{i}", adapter=a, prompt=p, params={"max_tokens": MAX_TOKENS, "ignore_eos": True, **params})
+        )
     return reqs
 
 

@@ -63,10 +63,19 @@ def zoo(llama_dir, llama_adapters, tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
     for name in ("attn4", "mlp8", "all16rs", "pattern"):
         copy_adapter(llama_adapters / name, root / name)
-    peft_adapter(llama_dir, root / "zero", randomize=False, r=2, lora_alpha=4, target_modules=["o_proj"],
-                 layers_to_transform=[1], lora_dropout=0.1)
-    peft_adapter(llama_dir, root / "dora", randomize=True, seed=3, r=4, lora_alpha=8,
-                 target_modules=["q_proj"], use_dora=True)
+    peft_adapter(
+        llama_dir,
+        root / "zero",
+        randomize=False,
+        r=2,
+        lora_alpha=4,
+        target_modules=["o_proj"],
+        layers_to_transform=[1],
+        lora_dropout=0.1,
+    )
+    peft_adapter(
+        llama_dir, root / "dora", randomize=True, seed=3, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True
+    )
 
     foo = copy_adapter(llama_adapters / "attn4", root / "foo")
     cfg = json.loads((foo / "adapter_config.json").read_text())
@@ -128,9 +137,16 @@ def test_small_helpers():
     ranks = (1, 2, 3, 8, 9, 300, 512, 513)
     assert [smallest_max_lora_rank(r) for r in ranks] == [1, 2, 4, 8, 16, 512, 512, None]
     assert layer_span([5, 0, 1, 2, 7, 8]) == "0-2, 5, 7-8"
-    assert merge_layer_lines(["layer 0 q_proj: bad", "x", "layer 1 q_proj: bad", "layer 0 k_proj: bad",
-                              "tensor m.layers.0.q.w: no", "tensor m.layers.3.q.w: no"]) == [
-        "layers 0-1 q_proj: bad", "x", "layer 0 k_proj: bad", "tensor m.layers.{0, 3}.q.w: no"]
+    assert merge_layer_lines(
+        [
+            "layer 0 q_proj: bad",
+            "x",
+            "layer 1 q_proj: bad",
+            "layer 0 k_proj: bad",
+            "tensor m.layers.0.q.w: no",
+            "tensor m.layers.3.q.w: no",
+        ]
+    ) == ["layers 0-1 q_proj: bad", "x", "layer 0 k_proj: bad", "tensor m.layers.{0, 3}.q.w: no"]
 
 
 # --- numbers against PEFT and the tensors --------------------------------------------------------
@@ -167,8 +183,7 @@ def test_weights_match_the_tensors(zoo, name):
     assert w.dtypes == ["float32"] and w.all_zero is False
     seen = {}
     for m in w.modules:
-        assert m.parameter_count == sum(
-            tensors[k].numel() for k in tensors if f".{m.module}.lora_" in k)
+        assert m.parameter_count == sum(tensors[k].numel() for k in tensors if f".{m.module}.lora_" in k)
         for group in m.shapes:
             for layer in group.layers:
                 seen[(layer, m.module)] = (group.a_shape, group.b_shape)
@@ -218,8 +233,11 @@ def hf_slot_bytes(model_dir: Path, rank: int, dtype_bytes: int) -> int:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    return sum(rank * (m.in_features + m.out_features) * dtype_bytes for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in MODULES)
+    return sum(
+        rank * (m.in_features + m.out_features) * dtype_bytes
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in MODULES
+    )
 
 
 @pytest.mark.parametrize("dtype,nbytes", [("float32", 4), ("bfloat16", 2)])
@@ -228,8 +246,7 @@ def test_engine_cost_matches_the_formula_and_the_real_buffers(llama_dir, zoo, dt
     from loracli.engine.engine import Engine
     from loracli.model.spec import ModelSpec
 
-    report = inspect_path(zoo / "pattern", model=str(llama_dir), max_lora_rank=16, memory_budget=10**6,
-                          dtype=dtype)
+    report = inspect_path(zoo / "pattern", model=str(llama_dir), max_lora_rank=16, memory_budget=10**6, dtype=dtype)
     e, a = report.engine, report.adapters[0]
     assert e.dtype == dtype and e.dtype_bytes == nbytes and e.max_lora_rank == 16
     assert e.slot_bytes == hf_slot_bytes(llama_dir, 16, nbytes)
@@ -239,8 +256,9 @@ def test_engine_cost_matches_the_formula_and_the_real_buffers(llama_dir, zoo, dt
     _, spec = load_config(llama_dir)
     own = load_adapter(zoo / "pattern", spec, dtype=getattr(torch, dtype))
     assert a.cost.own_weights_bytes == own.nbytes  # the engine's CPU-cache copy of this adapter
-    engine = Engine(EngineConfig(model=str(llama_dir), max_loras=3, max_lora_rank=16, dtype=dtype,
-                                 num_kv_blocks=2, max_num_seqs=1))
+    engine = Engine(
+        EngineConfig(model=str(llama_dir), max_loras=3, max_lora_rank=16, dtype=dtype, num_kv_blocks=2, max_num_seqs=1)
+    )
     buffers = sum(t.nbytes for _, lin in engine.model.linears() for t in lin.A + lin.B)
     assert buffers == 3 * e.slot_bytes
     assert isinstance(engine.spec, ModelSpec)
@@ -306,8 +324,16 @@ def test_shape_mismatch_and_rank_limit(zoo, llama_dir, narrow_model):
 def test_folder_mode_keeps_going_past_broken_adapters(zoo, llama_dir):
     report = inspect_path(zoo, model=str(llama_dir), dtype="float32")
     status = {a.name: a.status for a in report.adapters}
-    assert status == {"all16rs": "ok", "attn4": "ok", "dora": "incompatible", "foo": "incompatible",
-                      "mlp8": "ok", "pattern": "ok", "trunc": "error", "zero": "warning"}
+    assert status == {
+        "all16rs": "ok",
+        "attn4": "ok",
+        "dora": "incompatible",
+        "foo": "incompatible",
+        "mlp8": "ok",
+        "pattern": "ok",
+        "trunc": "error",
+        "zero": "warning",
+    }
     assert report.mode == "folder" and not report.ok
     trunc = next(a for a in report.adapters if a.name == "trunc")
     assert trunc.problems[0].startswith(f"{zoo / 'trunc' / 'adapter_model.safetensors'}: ")
@@ -360,23 +386,40 @@ def cli(monkeypatch, capsys, *args):
 
 
 def test_cli_one_adapter_human(monkeypatch, capsys, zoo, llama_dir):
-    code, out, err = cli(monkeypatch, capsys, "inspect-adapter", zoo / "pattern", "--model", llama_dir,
-                         "--dtype", "float32")
+    code, out, err = cli(
+        monkeypatch, capsys, "inspect-adapter", zoo / "pattern", "--model", llama_dir, "--dtype", "float32"
+    )
     assert code == 0, err
-    for text in ("pattern", "rank_pattern", "2 layers × down_proj A [4, 128], B [64, 4]", "alpha/r",
-                 "slots in budget", "compatible with"):
+    for text in (
+        "pattern",
+        "rank_pattern",
+        "2 layers × down_proj A [4, 128], B [64, 4]",
+        "alpha/r",
+        "slots in budget",
+        "compatible with",
+    ):
         assert text in out, text
 
 
 def test_cli_json_is_one_document(monkeypatch, capsys, zoo, llama_dir):
-    code, out, _ = cli(monkeypatch, capsys, "inspect-adapter", zoo / "attn4", "--model", llama_dir, "--json",
-                       "--memory-budget", "1MiB", "--dtype", "float32")
+    code, out, _ = cli(
+        monkeypatch,
+        capsys,
+        "inspect-adapter",
+        zoo / "attn4",
+        "--model",
+        llama_dir,
+        "--json",
+        "--memory-budget",
+        "1MiB",
+        "--dtype",
+        "float32",
+    )
     assert code == 0
     doc = json.loads(out)
     assert set(doc) == {"schema", "mode", "path", "ok", "model", "engine", "adapters"}
     assert doc["engine"]["memory_budget_bytes"] == 2**20 and doc["ok"] is True
-    assert set(doc["adapters"][0]) == {"name", "path", "status", "problems", "warnings", "config", "weights",
-                                       "cost"}
+    assert set(doc["adapters"][0]) == {"name", "path", "status", "problems", "warnings", "config", "weights", "cost"}
 
 
 def test_cli_folder_exits_1_with_a_table(monkeypatch, capsys, zoo):
@@ -393,20 +436,28 @@ def test_cli_incompatible_single_adapter_exits_1(monkeypatch, capsys, zoo, llama
     assert code == 1 and json.loads(out)["adapters"][0]["status"] == "incompatible"
 
 
-@pytest.mark.parametrize("case,match", [
-    ("missing", "adapter folder not found"),
-    ("badjson", "adapter_config.json: not valid JSON"),
-    ("trunc", "adapter_model.safetensors: unreadable safetensors file, truncated or corrupt"),
-    ("pickle", "adapter_model.bin: pickle weights are refused"),
-    ("rank", "--max-lora-rank must be a power of two"),
-    ("budget", "--memory-budget must be a size"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("missing", "adapter folder not found"),
+        ("badjson", "adapter_config.json: not valid JSON"),
+        ("trunc", "adapter_model.safetensors: unreadable safetensors file, truncated or corrupt"),
+        ("pickle", "adapter_model.bin: pickle weights are refused"),
+        ("rank", "--max-lora-rank must be a power of two"),
+        ("budget", "--memory-budget must be a size"),
+    ],
+)
 def test_cli_errors_are_one_line_exit_2(monkeypatch, capsys, tmp_path, zoo, pickled, case, match):
     bad = copy_adapter(zoo / "attn4", tmp_path / "badjson")
     (bad / "adapter_config.json").write_text("{oops")
-    target, extra = {"missing": (tmp_path / "nope", []), "badjson": (bad, []), "trunc": (zoo / "trunc", []),
-                     "pickle": (pickled, []), "rank": (zoo / "attn4", ["--max-lora-rank", "48"]),
-                     "budget": (zoo / "attn4", ["--memory-budget", "lots"])}[case]
+    target, extra = {
+        "missing": (tmp_path / "nope", []),
+        "badjson": (bad, []),
+        "trunc": (zoo / "trunc", []),
+        "pickle": (pickled, []),
+        "rank": (zoo / "attn4", ["--max-lora-rank", "48"]),
+        "budget": (zoo / "attn4", ["--memory-budget", "lots"]),
+    }[case]
     code, out, err = cli(monkeypatch, capsys, "inspect-adapter", target, *extra, "--json")
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and match in err and "Traceback" not in err

@@ -93,7 +93,7 @@ def check_expand(expand: Expand, case: dict, ranks=None, y: torch.Tensor | None 
     atol, rtol = TOL[out.dtype]
     torch.testing.assert_close(out.float(), expect, atol=atol, rtol=rtol)
     untouched = torch.ones_like(out, dtype=torch.bool)
-    untouched[meta.token_slot >= 0, OFFSET:OFFSET + N_OUT] = False
+    untouched[meta.token_slot >= 0, OFFSET : OFFSET + N_OUT] = False
     assert torch.equal(out[untouched], before[untouched]), "slot -1 rows and columns outside the window"
 
 
@@ -165,9 +165,7 @@ FAST_CASES = [  # (dtype, R, T, spread): every spread, dtype and rank at least o
     ("bf16", 16, 128, "zipf"),
     ("bf16", 16, 64, "even"),
 ]
-FULL_CASES = [
-    (d, R, T, s) for d in DTYPES for R in (1, 8, 16, 64) for T in (1, 7, 128, 1000) for s in SPREADS
-]
+FULL_CASES = [(d, R, T, s) for d in DTYPES for R in (1, 8, 16, 64) for T in (1, 7, 128, 1000) for s in SPREADS]
 
 
 def _sweep_case(dname: str, R: int, T: int, spread: str) -> dict:

@@ -22,6 +22,7 @@ def view(counts, running=(), overdue=0, owed=False, work=None) -> MergeView:
 
 # --- the policy, no tensors --------------------------------------------------------------------------
 
+
 def test_auto_drains_then_merges_then_unmerges_with_hysteresis():
     p = MergePolicy("auto")
     assert p.decide(view({"x": 3, "y": 0})) is None  # too few requests to be worth it
@@ -112,6 +113,7 @@ def test_merge_policy_is_validated(llama_dir):
 
 # --- tensors -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_base_weights_are_restored_bit_for_bit_after_many_cycles(llama_dir, llama_adapters, dtype):
     e = tiny_engine(llama_dir, llama_adapters, max_loras=4, dtype=dtype)
@@ -156,8 +158,10 @@ def outputs(engine) -> dict[str, list[int]]:
 
 
 def test_greedy_tokens_equal_under_never_auto_and_always_single(llama_dir, llama_adapters):
-    engines = {p: tiny_engine(llama_dir, llama_adapters, max_loras=2, max_num_seqs=4, merge_policy=p)
-               for p in ("never", "auto", "always-single")}
+    engines = {
+        p: tiny_engine(llama_dir, llama_adapters, max_loras=2, max_num_seqs=4, merge_policy=p)
+        for p in ("never", "auto", "always-single")
+    }
     got = {p: outputs(e) for p, e in engines.items()}
     assert len(got["never"]) == len(workload())
     assert got["auto"] == got["never"] and got["always-single"] == got["never"]
@@ -196,8 +200,9 @@ def test_a_flooding_adapter_cannot_starve_a_trickle_of_others(llama_dir, llama_a
     credit_steps, max_tokens = 8, 4
 
     def engine(policy, credits):
-        return tiny_engine(llama_dir, llama_adapters, max_loras=2, max_num_seqs=4, merge_policy=policy,
-                           starvation_steps=credits)
+        return tiny_engine(
+            llama_dir, llama_adapters, max_loras=2, max_num_seqs=4, merge_policy=policy, starvation_steps=credits
+        )
 
     fcfs, _ = flood_and_trickle(engine("never", credit_steps), max_tokens=max_tokens)
     e = engine("auto", credit_steps)

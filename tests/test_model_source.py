@@ -489,7 +489,7 @@ def test_default_model_converts_once_and_matches_the_gguf(tmp_path, monkeypatch,
     assert torch.equal(logits(converted, ids), logits(reference, ids))
     with torch.no_grad():
         greedy = [
-            model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+            model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
             for model in (converted, reference)
         ]
     assert greedy[0] == greedy[1]

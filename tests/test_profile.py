@@ -15,16 +15,16 @@ def test_buckets_and_shares():
     assert bucket_of("aten::argmax") == "sampling"
     assert bucket_of("aten::rsqrt") == "other"
     shares = split({"aten::mm": 60.0, "aten::bmm": 10.0, "aten::index": 20.0, "aten::rsqrt": 10.0})
-    assert shares == pytest.approx({"base matmul": 0.6, "lora": 0.1, "attention": 0.2, "sampling": 0.0,
-                                    "other": 0.1})
+    assert shares == pytest.approx({"base matmul": 0.6, "lora": 0.1, "attention": 0.2, "sampling": 0.0, "other": 0.1})
 
 
 def test_profile_decode_on_a_tiny_model(tmp_path):
     model = make_model(tmp_path / "model")
     make_adapter(model, tmp_path / "adapters" / "a", r=4)
     make_adapter(model, tmp_path / "adapters" / "b", r=8, targets=("q_proj", "down_proj"), seed=2)
-    result = profile_decode(str(model), str(tmp_path / "adapters"), batch=6, steps=2, warmup=1,
-                            dtype="float32", max_lora_rank=8)
+    result = profile_decode(
+        str(model), str(tmp_path / "adapters"), batch=6, steps=2, warmup=1, dtype="float32", max_lora_rank=8
+    )
     assert result["batch"] == 6 and result["adapters"] == ["a", "b"]
     assert result["step_ms"] > 0 and result["tokens_per_s"] > 0
     assert sum(result["shares"].values()) == pytest.approx(1.0)

@@ -46,8 +46,16 @@ def many_adapters(llama_adapters, tmp_path_factory):
 
 
 def _config(model_dir, adapters_dir, **kw) -> EngineConfig:
-    cfg = dict(model=str(model_dir), adapters_dir=str(adapters_dir), dtype="float32", device="cpu", max_loras=2,
-               max_lora_rank=16, max_num_seqs=4, max_cpu_loras=8)
+    cfg = dict(
+        model=str(model_dir),
+        adapters_dir=str(adapters_dir),
+        dtype="float32",
+        device="cpu",
+        max_loras=2,
+        max_lora_rank=16,
+        max_num_seqs=4,
+        max_cpu_loras=8,
+    )
     cfg.update(kw)
     return EngineConfig(**cfg)
 
@@ -61,8 +69,15 @@ def _skewed(n: int) -> list[dict]:
 
 def _run(engine, inp, out, **options):
     defaults = SamplingParams(max_tokens=6, ignore_eos=True)
-    return run_file(str(inp), str(out), engine.config, defaults, console=Console(stderr=True, quiet=True),
-                    options=RunOptions(**options), engine=engine)
+    return run_file(
+        str(inp),
+        str(out),
+        engine.config,
+        defaults,
+        console=Console(stderr=True, quiet=True),
+        options=RunOptions(**options),
+        engine=engine,
+    )
 
 
 def _local_reference(llama_dir, adapters, inp, tmp_path) -> dict:
@@ -71,8 +86,7 @@ def _local_reference(llama_dir, adapters, inp, tmp_path) -> dict:
     return by_key(read_output(tmp_path / "local.jsonl"))
 
 
-def test_two_workers_match_one_process_and_affinity_loads_fewer_adapters(local_ray, llama_dir, many_adapters,
-                                                                         tmp_path):
+def test_two_workers_match_one_process_and_affinity_loads_fewer_adapters(local_ray, llama_dir, many_adapters, tmp_path):
     records = _skewed(96)
     inp = write_jsonl(tmp_path / "in.jsonl", records)
     expected = _local_reference(llama_dir, many_adapters, inp, tmp_path)
@@ -157,8 +171,9 @@ def test_shipped_adapters_need_no_shared_folder(local_ray, llama_dir, many_adapt
     assert all(w["adapters_shipped"] >= 1 and "a0" in w["holds"] for w in per_worker)  # pinned: sent at start
 
 
-def test_a_broken_pinned_adapter_stops_the_start_naming_the_drivers_folder(local_ray, llama_dir, many_adapters,
-                                                                           tmp_path):
+def test_a_broken_pinned_adapter_stops_the_start_naming_the_drivers_folder(
+    local_ray, llama_dir, many_adapters, tmp_path
+):
     adapters = tmp_path / "adapters"
     shutil.copytree(many_adapters, adapters)
     (adapters / "a1" / "adapter_model.safetensors").unlink()
@@ -171,8 +186,9 @@ def test_a_broken_pinned_adapter_stops_the_start_naming_the_drivers_folder(local
 
 
 @pytest.mark.parametrize("then_every_worker_dies", [False, True])
-def test_ctrl_c_under_ray_keeps_finished_results_and_a_rerun_completes(local_ray, llama_dir, many_adapters,
-                                                                        tmp_path, then_every_worker_dies):
+def test_ctrl_c_under_ray_keeps_finished_results_and_a_rerun_completes(
+    local_ray, llama_dir, many_adapters, tmp_path, then_every_worker_dies
+):
     # Long enough answers that a worker's call returns with requests still in flight on it.
     inp = write_jsonl(tmp_path / "in.jsonl", [{**r, "max_tokens": 48} for r in _skewed(64)])
     expected = _local_reference(llama_dir, many_adapters, inp, tmp_path)
@@ -210,10 +226,40 @@ def test_cli_run_with_ray_and_shipped_adapters_writes_the_same_file(llama_dir, m
     inp = write_jsonl(tmp_path / "in.jsonl", _skewed(24))
     expected = _local_reference(llama_dir, many_adapters, inp, tmp_path)
     out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
-    cmd = [sys.executable, "-m", "loracli", "run", str(inp), "--model", str(llama_dir), "--adapters",
-           str(many_adapters), "-o", str(out), "--max-tokens", "6", "--ignore-eos", "--dtype", "float32",
-           "--device", "cpu", "--max-loras", "2", "--max-lora-rank", "16", "--max-num-seqs", "4",
-           "--max-cpu-loras", "8", "--stats", str(stats), "--ray", "--workers", "2", "--ship-adapters"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "loracli",
+        "run",
+        str(inp),
+        "--model",
+        str(llama_dir),
+        "--adapters",
+        str(many_adapters),
+        "-o",
+        str(out),
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--max-loras",
+        "2",
+        "--max-lora-rank",
+        "16",
+        "--max-num-seqs",
+        "4",
+        "--max-cpu-loras",
+        "8",
+        "--stats",
+        str(stats),
+        "--ray",
+        "--workers",
+        "2",
+        "--ship-adapters",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert by_key(read_output(out)) == expected
@@ -224,9 +270,19 @@ def test_cli_run_with_ray_and_shipped_adapters_writes_the_same_file(llama_dir, m
 
 def test_bench_measures_ray_workers_beside_one_process(local_ray, llama_dir):
     name = "loracli-ray:workers=2:ship-adapters=true:max-loras=2"
-    options = BenchOptions(model=str(llama_dir), adapters="3", prompts="8", prompt_len="4-8", output_len="3",
-                           threads=1, warmup=2, roofline_seconds=0, dtype="float32", isolate=False,
-                           systems=f"loracli,{name}")
+    options = BenchOptions(
+        model=str(llama_dir),
+        adapters="3",
+        prompts="8",
+        prompt_len="4-8",
+        output_len="3",
+        threads=1,
+        warmup=2,
+        roofline_seconds=0,
+        dtype="float32",
+        isolate=False,
+        systems=f"loracli,{name}",
+    )
     copies_before = set(Path(tempfile.gettempdir()).glob("loracli-adapters-*"))
     by_name = {s.name: s for s in run_bench(options).points[0].systems}
     local, remote = by_name["loracli"], by_name[name]
@@ -240,8 +296,14 @@ def test_bench_measures_ray_workers_beside_one_process(local_ray, llama_dir):
 
 def test_ray_address_is_optional_on_the_command_line():
     assert optional_ray_address(["run", "in.jsonl", "--ray"]) == ["run", "in.jsonl", "--ray", "local"]
-    assert optional_ray_address(["run", "x", "--ray", "--workers", "2"]) == ["run", "x", "--ray", "local",
-                                                                           "--workers", "2"]
+    assert optional_ray_address(["run", "x", "--ray", "--workers", "2"]) == [
+        "run",
+        "x",
+        "--ray",
+        "local",
+        "--workers",
+        "2",
+    ]
     assert optional_ray_address(["run", "x", "--ray", "auto"]) == ["run", "x", "--ray", "auto"]
     assert optional_ray_address(["run", "x", "--ray", "10.0.0.1:6379"]) == ["run", "x", "--ray", "10.0.0.1:6379"]
     assert optional_ray_address(["run", "--ray", "in.jsonl"]) == ["run", "--ray", "local", "in.jsonl"]
@@ -253,8 +315,7 @@ def test_missing_ray_is_a_one_line_config_error(monkeypatch):
         import_ray()
 
 
-@pytest.mark.parametrize("bad", [dict(workers=0), dict(worker_cpus=0), dict(routing="random"),
-                                 dict(worker_gpus=-1)])
+@pytest.mark.parametrize("bad", [dict(workers=0), dict(worker_cpus=0), dict(routing="random"), dict(worker_gpus=-1)])
 def test_cluster_options_are_validated(bad):
     with pytest.raises(ConfigError, match="--"):
         ClusterOptions(**bad)

@@ -23,40 +23,46 @@ def bad(raw, **kw) -> RecordError:
     return info.value
 
 
-@pytest.mark.parametrize("raw, field, words", [
-    (b"{bad json", None, "not valid JSON"),
-    (b'"just a string"', None, "must be a JSON object"),
-    (b'{"id": "a", "prompt": "x\xff"}', None, "not valid UTF-8"),
-    (b'{"id": "a"}', "prompt", "missing"),
-    (b'{"id": "a", "prompt": 5}', "prompt", "must be a string"),
-    (b'{"id": "a", "prompt": ""}', "prompt", "empty"),
-    (b'{"id": "a", "prompt": "x", "messages": []}', "messages", "not both"),
-    (b'{"id": "a", "messages": [{"role": "user"}]}', "messages[0]", "string 'role' and 'content'"),
-    (b'{"id": "a", "prompt": "x", "max_tokens": 0}', "max_tokens", "positive"),
-    (b'{"id": "a", "prompt": "x", "max_tokens": -3}', "max_tokens", "positive"),
-    (b'{"id": "a", "prompt": "x", "max_tokens": "9"}', "max_tokens", "integer"),
-    (b'{"id": "a", "prompt": "x", "max_tokens": 2.5}', "max_tokens", "integer"),
-    (b'{"id": "a", "prompt": "x", "temperature": -1}', "temperature", ">= 0"),
-    (b'{"id": "a", "prompt": "x", "temperature": NaN}', "temperature", "finite"),
-    (b'{"id": "a", "prompt": "x", "top_p": 0}', "top_p", "(0, 1]"),
-    (b'{"id": "a", "prompt": "x", "seed": 1e3}', "seed", "64-bit integer"),
-    (b'{"id": "a", "prompt": "x", "seed": 99999999999999999999999}', "seed", "64-bit integer"),
-    (b'{"id": "a", "prompt": "x", "stop": [""]}', "stop", "non-empty"),
-    (b'{"id": "a", "prompt": "x", "ignore_eos": 1}', "ignore_eos", "true or false"),
-    (b'{"id": true, "prompt": "x"}', "id", "string or integer"),
-    (b'{"id": "", "prompt": "x"}', "id", "empty"),
-    (b'{"id": "a", "prompt": "x", "adapter": 3}', "adapter", "adapter name"),
-    (b'{"custom_id": "c", "url": "/v1/embeddings", "body": {}}', "url", "must be one of"),
-    (b'{"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "x"}}', "body.model", "missing"),
-    (b'{"custom_id": "c", "url": "/v1/chat/completions", "body": {"model": "m", "prompt": "x"}}',
-     "body.messages", "chat completions"),
-    (b'{"custom_id": "c", "method": "GET", "url": "/v1/completions", "body": {}}', "method", "POST"),
-    (b'{"body": {"model": "m", "prompt": "x"}, "url": "/v1/completions"}', "custom_id", "missing"),
-    (b'{"id": "a", "prompt": "bad \\udc00 half"}', "prompt", "unpaired surrogate"),
-    (b'{"id": "a", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0]", "unpaired surrogate"),
-    (b"[" * 100_000, None, "JSON"),
-    (b'{"id": "a", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", None, "JSON"),
-])
+@pytest.mark.parametrize(
+    "raw, field, words",
+    [
+        (b"{bad json", None, "not valid JSON"),
+        (b'"just a string"', None, "must be a JSON object"),
+        (b'{"id": "a", "prompt": "x\xff"}', None, "not valid UTF-8"),
+        (b'{"id": "a"}', "prompt", "missing"),
+        (b'{"id": "a", "prompt": 5}', "prompt", "must be a string"),
+        (b'{"id": "a", "prompt": ""}', "prompt", "empty"),
+        (b'{"id": "a", "prompt": "x", "messages": []}', "messages", "not both"),
+        (b'{"id": "a", "messages": [{"role": "user"}]}', "messages[0]", "string 'role' and 'content'"),
+        (b'{"id": "a", "prompt": "x", "max_tokens": 0}', "max_tokens", "positive"),
+        (b'{"id": "a", "prompt": "x", "max_tokens": -3}', "max_tokens", "positive"),
+        (b'{"id": "a", "prompt": "x", "max_tokens": "9"}', "max_tokens", "integer"),
+        (b'{"id": "a", "prompt": "x", "max_tokens": 2.5}', "max_tokens", "integer"),
+        (b'{"id": "a", "prompt": "x", "temperature": -1}', "temperature", ">= 0"),
+        (b'{"id": "a", "prompt": "x", "temperature": NaN}', "temperature", "finite"),
+        (b'{"id": "a", "prompt": "x", "top_p": 0}', "top_p", "(0, 1]"),
+        (b'{"id": "a", "prompt": "x", "seed": 1e3}', "seed", "64-bit integer"),
+        (b'{"id": "a", "prompt": "x", "seed": 99999999999999999999999}', "seed", "64-bit integer"),
+        (b'{"id": "a", "prompt": "x", "stop": [""]}', "stop", "non-empty"),
+        (b'{"id": "a", "prompt": "x", "ignore_eos": 1}', "ignore_eos", "true or false"),
+        (b'{"id": true, "prompt": "x"}', "id", "string or integer"),
+        (b'{"id": "", "prompt": "x"}', "id", "empty"),
+        (b'{"id": "a", "prompt": "x", "adapter": 3}', "adapter", "adapter name"),
+        (b'{"custom_id": "c", "url": "/v1/embeddings", "body": {}}', "url", "must be one of"),
+        (b'{"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "x"}}', "body.model", "missing"),
+        (
+            b'{"custom_id": "c", "url": "/v1/chat/completions", "body": {"model": "m", "prompt": "x"}}',
+            "body.messages",
+            "chat completions",
+        ),
+        (b'{"custom_id": "c", "method": "GET", "url": "/v1/completions", "body": {}}', "method", "POST"),
+        (b'{"body": {"model": "m", "prompt": "x"}, "url": "/v1/completions"}', "custom_id", "missing"),
+        (b'{"id": "a", "prompt": "bad \\udc00 half"}', "prompt", "unpaired surrogate"),
+        (b'{"id": "a", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0]", "unpaired surrogate"),
+        (b"[" * 100_000, None, "JSON"),
+        (b'{"id": "a", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", None, "JSON"),
+    ],
+)
 def test_each_bad_record_names_file_line_and_field(raw, field, words):
     e = bad(raw)
     assert e.file == "in.jsonl" and e.line == 7 and e.field == field
@@ -77,9 +83,19 @@ def test_good_records_and_unknown_fields():
     r = parse_record(b'{"prompt": "hi", "max_token": 3, "temperature": 1}', 4, "f")
     assert isinstance(r, Request) and r.id == "4" and r.params == {"temperature": 1.0}
     assert r.unknown_fields == ["max_token"]
-    o = parse_record(json.dumps({"custom_id": "c", "url": "/v1/completions", "x": 1,
-                                 "body": {"model": "base", "prompt": "p", "n": 2, "max_completion_tokens": 5}}),
-                     1, "f", base_names=frozenset({"base"}))
+    o = parse_record(
+        json.dumps(
+            {
+                "custom_id": "c",
+                "url": "/v1/completions",
+                "x": 1,
+                "body": {"model": "base", "prompt": "p", "n": 2, "max_completion_tokens": 5},
+            }
+        ),
+        1,
+        "f",
+        base_names=frozenset({"base"}),
+    )
     assert (o.id, o.adapter, o.params, o.form) == ("c", None, {"max_tokens": 5}, "openai")
     assert o.unknown_fields == ["body.n", "x"]
 
@@ -168,11 +184,35 @@ def test_arbitrary_bytes_never_crash_and_every_line_is_accounted(tmp_path, data)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=12)
-keys = st.sampled_from(["id", "prompt", "messages", "adapter", "max_tokens", "temperature", "top_p", "seed",
-                        "stop", "ignore_eos", "custom_id", "url", "body", "method", "model", "extra"])
-records = st.dictionaries(keys, json_values | st.just("/v1/completions") | st.fixed_dictionaries(
-    {"model": st.text(max_size=4), "prompt": json_values, "max_tokens": json_values}), max_size=8)
+    max_leaves=12,
+)
+keys = st.sampled_from(
+    [
+        "id",
+        "prompt",
+        "messages",
+        "adapter",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "ignore_eos",
+        "custom_id",
+        "url",
+        "body",
+        "method",
+        "model",
+        "extra",
+    ]
+)
+records = st.dictionaries(
+    keys,
+    json_values
+    | st.just("/v1/completions")
+    | st.fixed_dictionaries({"model": st.text(max_size=4), "prompt": json_values, "max_tokens": json_values}),
+    max_size=8,
+)
 
 
 @settings(max_examples=400, deadline=None)

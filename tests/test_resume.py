@@ -51,17 +51,20 @@ def test_id_table_is_compact():
     assert table.nbytes() < 100_000 * 60
 
 
-@pytest.mark.parametrize("line, expected", [
-    ({"id": "a", "text": "x", "finish_reason": "length"}, (ANSWER, "a")),
-    ({"id": "b", "custom_id": "c", "response": {}, "error": None}, (ANSWER, "c")),
-    ({"id": None, "line": 4, "error": {"type": "invalid_request", "message": "m"}}, (INPUT_ERROR, 4)),
-    ({"custom_id": "c", "line": 5, "error": {"code": "duplicate_id", "message": "m"}}, (INPUT_ERROR, 5)),
-    ({"id": "a", "error": {"type": "unknown_adapter", "message": "m"}}, (RETRY, None)),
-    ({"id": "a", "error": {"type": "engine_error", "message": "m"}}, (RETRY, None)),
-    ({"custom_id": "a", "response": None, "error": {"code": "out_of_memory", "message": "m"}}, (RETRY, None)),
-    ({"x": 1}, (FOREIGN, None)),
-    ([1, 2], (FOREIGN, None)),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ({"id": "a", "text": "x", "finish_reason": "length"}, (ANSWER, "a")),
+        ({"id": "b", "custom_id": "c", "response": {}, "error": None}, (ANSWER, "c")),
+        ({"id": None, "line": 4, "error": {"type": "invalid_request", "message": "m"}}, (INPUT_ERROR, 4)),
+        ({"custom_id": "c", "line": 5, "error": {"code": "duplicate_id", "message": "m"}}, (INPUT_ERROR, 5)),
+        ({"id": "a", "error": {"type": "unknown_adapter", "message": "m"}}, (RETRY, None)),
+        ({"id": "a", "error": {"type": "engine_error", "message": "m"}}, (RETRY, None)),
+        ({"custom_id": "a", "response": None, "error": {"code": "out_of_memory", "message": "m"}}, (RETRY, None)),
+        ({"x": 1}, (FOREIGN, None)),
+        ([1, 2], (FOREIGN, None)),
+    ],
+)
 def test_classify_output_lines(line, expected):
     assert classify(json.dumps(line).encode() + b"\n") == expected
     assert classify(b"{torn") == (FOREIGN, None)
@@ -81,9 +84,14 @@ def test_repair_truncates_a_torn_line_without_rewriting(tmp_path):
 
 def test_repair_drops_retryable_errors_duplicates_and_foreign_lines(tmp_path):
     out = tmp_path / "out.jsonl"
-    lines = [{"id": "a", "text": "x"}, {"id": "b", "adapter": "z", "error": {"type": "adapter_error", "message": "m"}},
-             {"id": None, "line": 7, "error": {"type": "invalid_request", "message": "m"}}, {"id": "a", "text": "x"},
-             "not json", {"id": "c", "text": "z"}]
+    lines = [
+        {"id": "a", "text": "x"},
+        {"id": "b", "adapter": "z", "error": {"type": "adapter_error", "message": "m"}},
+        {"id": None, "line": 7, "error": {"type": "invalid_request", "message": "m"}},
+        {"id": "a", "text": "x"},
+        "not json",
+        {"id": "c", "text": "z"},
+    ]
     write_jsonl(out, lines)
     warnings = []
     settled = Settled()
@@ -111,8 +119,15 @@ def test_ledger_skips_settled_reports_duplicates_and_runs_the_rest():
 
 
 def _identity(tmp_path, **opts):
-    base = {"model": "m", "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": 0, "ignore_eos": True,
-            "dtype": "float32"}
+    base = {
+        "model": "m",
+        "max_tokens": 4,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 0,
+        "ignore_eos": True,
+        "dtype": "float32",
+    }
     return RunIdentity(str(tmp_path / "in.jsonl"), {"size": 10, "sha256": "ab"}, {**base, **opts})
 
 

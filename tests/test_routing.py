@@ -147,9 +147,13 @@ def test_unknown_policy_and_no_workers_are_refused():
 
 
 @settings(max_examples=60, deadline=None)
-@given(policy=st.sampled_from(["affinity", "round-robin"]), workers=st.integers(1, 4),
-       ops=st.lists(st.tuples(st.sampled_from(["add", "take", "finish", "die"]), st.integers(0, 7),
-                              st.integers(1, 6)), max_size=80))
+@given(
+    policy=st.sampled_from(["affinity", "round-robin"]),
+    workers=st.integers(1, 4),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["add", "take", "finish", "die"]), st.integers(0, 7), st.integers(1, 6)), max_size=80
+    ),
+)
 def test_every_request_is_answered_exactly_once_and_no_worker_idles_with_a_backlog(policy, workers, ops):
     r = make_router(policy, workers, min_queue=2, max_waited=5)  # small: the starvation guard takes part
     n = 0

@@ -24,8 +24,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture()
 def cli(monkeypatch, capsys, llama_dir, llama_adapters):
     def call(*args, adapters=llama_adapters, stdin: bytes | None = None) -> tuple[int, str, str]:
-        argv = ["loracli", "run", *map(str, args), "--model", str(llama_dir), "--dtype", "float32",
-                "--max-tokens", "3", "--ignore-eos"]
+        argv = [
+            "loracli",
+            "run",
+            *map(str, args),
+            "--model",
+            str(llama_dir),
+            "--dtype",
+            "float32",
+            "--max-tokens",
+            "3",
+            "--ignore-eos",
+        ]
         if adapters is not None:
             argv += ["--adapters", str(adapters)]
         monkeypatch.setattr(sys, "argv", argv)
@@ -35,6 +45,7 @@ def cli(monkeypatch, capsys, llama_dir, llama_adapters):
             main()
         out, err = capsys.readouterr()
         return info.value.code, out, err
+
     return call
 
 
@@ -67,15 +78,34 @@ def test_bad_lines_are_each_answered_and_reported(cli, tmp_path):
     assert len(recs) == len(BAD_LINES)  # 14 lines, one blank: 13 records
     assert "text" in recs["ok1"] and "text" in recs["ok2"]
     kinds = {k: r["error"].get("type", r["error"].get("code")) for k, r in recs.items() if r.get("error")}
-    assert kinds == {("line", 2): "invalid_request", ("line", 3): "invalid_request", ("line", 4): "invalid_request",
-                     ("line", 6): "duplicate_id", "u": "unknown_adapter", ("line", 8): "invalid_request",
-                     "big": "max_tokens_too_large", "long": "prompt_too_long", ("line", 12): "invalid_request",
-                     ("line", 13): "invalid_request", ("line", 14): "invalid_request"}
+    assert kinds == {
+        ("line", 2): "invalid_request",
+        ("line", 3): "invalid_request",
+        ("line", 4): "invalid_request",
+        ("line", 6): "duplicate_id",
+        "u": "unknown_adapter",
+        ("line", 8): "invalid_request",
+        "big": "max_tokens_too_large",
+        "long": "prompt_too_long",
+        ("line", 12): "invalid_request",
+        ("line", 13): "invalid_request",
+        ("line", 14): "invalid_request",
+    }
     assert recs[("line", 12)]["custom_id"] == "o1" and recs[("line", 3)]["id"] == "t"
-    for where in ("2: not valid JSON", "3: field 'prompt'", "4: field 'prompt'", "5: blank line",
-                  "6: field 'id': duplicate id 'ok1'", "7: field 'adapter'", "8: field 'max_tokens'",
-                  "9: field 'max_tokens'", "10: field 'prompt'", "12: field 'body.top_p'",
-                  "13: must be a JSON object", "14: not valid UTF-8"):
+    for where in (
+        "2: not valid JSON",
+        "3: field 'prompt'",
+        "4: field 'prompt'",
+        "5: blank line",
+        "6: field 'id': duplicate id 'ok1'",
+        "7: field 'adapter'",
+        "8: field 'max_tokens'",
+        "9: field 'max_tokens'",
+        "10: field 'prompt'",
+        "12: field 'body.top_p'",
+        "13: must be a JSON object",
+        "14: not valid UTF-8",
+    ):
         assert f"in.jsonl:{where}" in err, where
     assert err.count("'colour'") == 1 and "field 'size'" in err  # unknown fields: once per name
     assert "Traceback" not in err
@@ -148,8 +178,7 @@ def engine(llama_dir, llama_adapters):
     return tiny_engine(llama_dir, llama_adapters)
 
 
-def test_out_of_memory_backs_off_and_gives_the_same_results(engine, llama_dir, llama_adapters, tmp_path,
-                                                             monkeypatch):
+def test_out_of_memory_backs_off_and_gives_the_same_results(engine, llama_dir, llama_adapters, tmp_path, monkeypatch):
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(24))
     run(engine, inp, tmp_path / "ref.jsonl", max_tokens=5)
     squeezed = tiny_engine(llama_dir, llama_adapters)
@@ -216,10 +245,15 @@ def test_refuses_foreign_output_before_loading(engine, tmp_path):
 line_strategy = st.one_of(
     st.binary(max_size=30).filter(lambda b: b"\n" not in b and b"\r" not in b),
     st.just(b""),
-    st.builds(lambda i, a, mt: json.dumps({"id": f"k{i}", "prompt": "hello", "adapter": a, "max_tokens": mt}).encode(),
-              st.integers(0, 6), st.sampled_from([None, "attn4", "nope"]), st.integers(-1, 3)),
-    st.builds(lambda p: json.dumps({"prompt": p}, ensure_ascii=False).encode("utf-8", "surrogatepass"),
-              st.text(max_size=12)),
+    st.builds(
+        lambda i, a, mt: json.dumps({"id": f"k{i}", "prompt": "hello", "adapter": a, "max_tokens": mt}).encode(),
+        st.integers(0, 6),
+        st.sampled_from([None, "attn4", "nope"]),
+        st.integers(-1, 3),
+    ),
+    st.builds(
+        lambda p: json.dumps({"prompt": p}, ensure_ascii=False).encode("utf-8", "surrogatepass"), st.text(max_size=12)
+    ),
 )
 
 

@@ -16,8 +16,12 @@ def run(engine, reqs):
 
 
 def sampled(prompt, rid, seed, adapter=None, **extra):
-    return Request(id=rid, adapter=adapter, prompt=prompt,
-                   params={"max_tokens": 10, "temperature": 1.0, "seed": seed, "ignore_eos": True, **extra})
+    return Request(
+        id=rid,
+        adapter=adapter,
+        prompt=prompt,
+        params={"max_tokens": 10, "temperature": 1.0, "seed": seed, "ignore_eos": True, **extra},
+    )
 
 
 def test_same_seed_same_output_whatever_the_batch(llama_dir, llama_adapters):
@@ -53,20 +57,32 @@ def test_top_p_filter_keeps_nucleus():
 
 def test_stop_string_truncates(llama_dir, llama_adapters):
     engine = make_engine(llama_dir, llama_adapters)
-    base = run(engine, [Request(id="a", adapter=None, prompt=PROMPTS[3],
-                                params={"max_tokens": 12, "ignore_eos": True})])["a"]
+    base = run(
+        engine, [Request(id="a", adapter=None, prompt=PROMPTS[3], params={"max_tokens": 12, "ignore_eos": True})]
+    )["a"]
     assert len(base.text) > 4
     stop = base.text[2:5]
-    cut = run(engine, [Request(id="b", adapter=None, prompt=PROMPTS[3],
-                               params={"max_tokens": 12, "ignore_eos": True, "stop": [stop]})])["b"]
+    cut = run(
+        engine,
+        [
+            Request(
+                id="b", adapter=None, prompt=PROMPTS[3], params={"max_tokens": 12, "ignore_eos": True, "stop": [stop]}
+            )
+        ],
+    )["b"]
     assert cut.finish_reason == "stop"
-    assert cut.text == base.text[:base.text.find(stop)]
+    assert cut.text == base.text[: base.text.find(stop)]
 
 
 def test_eos_stops_and_max_tokens_lengths(llama_dir, llama_adapters):
     engine = make_engine(llama_dir, llama_adapters)
-    free = run(engine, [Request(id=f"e{i}", adapter=a, prompt=p, params={"max_tokens": 40})
-                        for i, (p, a) in enumerate(zip(PROMPTS, ["attn4", None, "mlp8", "all16rs"], strict=True))])
+    free = run(
+        engine,
+        [
+            Request(id=f"e{i}", adapter=a, prompt=p, params={"max_tokens": 40})
+            for i, (p, a) in enumerate(zip(PROMPTS, ["attn4", None, "mlp8", "all16rs"], strict=True))
+        ],
+    )
     eos = engine.eos_ids
     for r in free.values():
         if r.finish_reason == "stop":

@@ -63,8 +63,13 @@ def run_big(one_layer, tmp_path, n: int) -> dict:
     write_lines(warm, 2000)
     write_lines(big, n)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    p = subprocess.run([sys.executable, "-c", CHILD, str(one_layer), str(warm), str(big), str(out)],
-                       capture_output=True, text=True, env=env, timeout=1800)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, str(one_layer), str(warm), str(big), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     assert p.returncode == 0, p.stderr
     stats = json.loads(p.stdout.strip().splitlines()[-1])
     ids, lines = set(), 0
@@ -76,8 +81,10 @@ def run_big(one_layer, tmp_path, n: int) -> dict:
     assert lines == len(ids) == n == stats["requests"]
     assert stats["failed"] == n // 1000
     stats["growth"] = stats["after"] - stats["before"]
-    print(f"\n{n} lines: peak RSS {stats['before']:.0f} -> {stats['after']:.0f} MiB "
-          f"(+{stats['growth']:.1f}), {stats['seconds']:.0f}s")
+    print(
+        f"\n{n} lines: peak RSS {stats['before']:.0f} -> {stats['after']:.0f} MiB "
+        f"(+{stats['growth']:.1f}), {stats['seconds']:.0f}s"
+    )
     return stats
 
 

@@ -16,8 +16,9 @@ def make(n_slots=2, blocks=100, block_size=4, max_num_seqs=8, bad=(), starvation
         loads.append(name)
         return f"{name} is broken" if name in bad else None
 
-    cfg = EngineConfig(max_loras=n_slots, max_num_seqs=max_num_seqs, starvation_steps=starvation_steps,
-                       block_size=block_size)
+    cfg = EngineConfig(
+        max_loras=n_slots, max_num_seqs=max_num_seqs, starvation_steps=starvation_steps, block_size=block_size
+    )
     sched = Scheduler(cfg, BlockManager(blocks, block_size), SlotManager(n_slots), ensure)
     return sched, loads
 

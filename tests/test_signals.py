@@ -49,21 +49,42 @@ def workload(llama_dir, llama_adapters, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("signals")
-    rows = [{"id": f"q{i}", "prompt": f"tell me a story number {i}", "adapter": (None, "attn4", "mlp8")[i % 3]}
-            for i in range(N)]
+    rows = [
+        {"id": f"q{i}", "prompt": f"tell me a story number {i}", "adapter": (None, "attn4", "mlp8")[i % 3]}
+        for i in range(N)
+    ]
     inp = write_jsonl(root / "in.jsonl", rows)
     engine = tiny_engine(llama_dir, llama_adapters, max_num_seqs=4, max_loras=2)
     run(engine, inp, root / "reference.jsonl", max_tokens=MAX_TOKENS)
-    args = ["--model", str(llama_dir), "--adapters", str(llama_adapters), "--dtype", "float32", "--ignore-eos",
-            "--max-tokens", str(MAX_TOKENS), "--max-num-seqs", "4", "--max-loras", "2", "--max-lora-rank", "16"]
+    args = [
+        "--model",
+        str(llama_dir),
+        "--adapters",
+        str(llama_adapters),
+        "--dtype",
+        "float32",
+        "--ignore-eos",
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--max-num-seqs",
+        "4",
+        "--max-loras",
+        "2",
+        "--max-lora-rank",
+        "16",
+    ]
     yield inp, args, by_key(read_output(root / "reference.jsonl")), engine
     torch.set_num_threads(threads)
 
 
 def start(inp, out, args, tmp_path) -> subprocess.Popen:
     err = open(tmp_path / "stderr.txt", "wb")  # noqa: SIM115 - the child holds it
-    return subprocess.Popen([sys.executable, "-m", "loracli", "run", str(inp), "-o", str(out), *args],
-                            stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+    return subprocess.Popen(
+        [sys.executable, "-m", "loracli", "run", str(inp), "-o", str(out), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        env=ENV,
+    )
 
 
 def wait_for_lines(proc: subprocess.Popen, out, n: int, timeout: float = 120.0) -> None:

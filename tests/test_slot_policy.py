@@ -124,10 +124,12 @@ def test_config_validation_of_slot_options():
     cfg = EngineConfig(max_loras=8, min_loras=2)
     assert cfg.dynamic_slots is True
     assert EngineConfig(max_loras=8).dynamic_slots is False and EngineConfig(max_loras=8).min_loras == 8
-    for kwargs, message in [(dict(max_loras=4, min_loras=5), "--min-loras"),
-                            (dict(max_loras=4, min_loras=1, pinned=("a", "b")), "--pin names 2"),
-                            (dict(gpu_memory_utilization=1.5), "--gpu-memory-utilization"),
-                            (dict(memory_budget=1 << 30, gpu_memory_utilization=0.5), "not both"),
-                            (dict(slot_cooldown_steps=0), "--slot-cooldown-steps")]:
+    for kwargs, message in [
+        (dict(max_loras=4, min_loras=5), "--min-loras"),
+        (dict(max_loras=4, min_loras=1, pinned=("a", "b")), "--pin names 2"),
+        (dict(gpu_memory_utilization=1.5), "--gpu-memory-utilization"),
+        (dict(memory_budget=1 << 30, gpu_memory_utilization=0.5), "not both"),
+        (dict(slot_cooldown_steps=0), "--slot-cooldown-steps"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             EngineConfig(**kwargs)

@@ -19,7 +19,7 @@ def _outputs(engine, n: int = 9) -> dict[str, list[int]]:
 
 def _poison(engine) -> None:
     for kv in engine.model.kv:
-        kv[:, :engine.model.zero_row].fill_(float("nan"))
+        kv[:, : engine.model.zero_row].fill_(float("nan"))
     for _, lin in engine.model.linears():
         for A, B in zip(lin.A, lin.B, strict=True):
             A.fill_(float("nan"))
@@ -27,8 +27,9 @@ def _poison(engine) -> None:
 
 
 def test_nan_in_unwritten_kv_rows_and_slots_never_reaches_outputs(llama_dir, llama_adapters):
-    clean = _outputs(tiny_engine(llama_dir, llama_adapters, max_loras=4, max_num_seqs=4, num_kv_blocks=16,
-                                 block_size=4))
+    clean = _outputs(
+        tiny_engine(llama_dir, llama_adapters, max_loras=4, max_num_seqs=4, num_kv_blocks=16, block_size=4)
+    )
     poisoned = tiny_engine(llama_dir, llama_adapters, max_loras=4, max_num_seqs=4, num_kv_blocks=16, block_size=4)
     _poison(poisoned)
     got = _outputs(poisoned)

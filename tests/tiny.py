@@ -34,11 +34,19 @@ def make_tokenizer(folder: Path):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token="<unk>", pad_token="<|im_end|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        pad_token="<|im_end|>",
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(folder))
     return fast
@@ -49,10 +57,19 @@ def make_model(folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder)
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.eos_token_id)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )
     if arch == "llama":
         config = LlamaConfig(tie_word_embeddings=False, rope_theta=10000.0, **common)
     elif arch == "qwen2":
@@ -70,15 +87,32 @@ def make_model(folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2
     return folder
 
 
-def make_adapter(model_dir: Path, out: Path, *, r: int = 8, targets=("q_proj", "v_proj"), alpha: float = 16,
-                 rslora: bool = False, seed: int = 1, rank_pattern=None, alpha_pattern=None) -> Path:
+def make_adapter(
+    model_dir: Path,
+    out: Path,
+    *,
+    r: int = 8,
+    targets=("q_proj", "v_proj"),
+    alpha: float = 16,
+    rslora: bool = False,
+    seed: int = 1,
+    rank_pattern=None,
+    alpha_pattern=None,
+) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
-                     init_lora_weights=False, rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
-                     task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        use_rslora=rslora,
+        init_lora_weights=False,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(seed)
     peft_model = get_peft_model(base, cfg)
     with torch.no_grad():

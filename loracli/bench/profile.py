@@ -30,11 +30,15 @@ from pathlib import Path
 BUCKETS = {
     "base matmul": ("aten::mm", "aten::addmm", "aten::linear"),
     "lora": ("aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::addmm_"),
-    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index", "aten::index_copy_",
-                  "aten::_scaled_dot_product_attention_math", "aten::_efficient_attention_forward",
-                  "aten::_scaled_dot_product_flash_attention"),
-    "sampling": ("aten::max", "aten::argmax", "aten::isfinite", "aten::abs", "aten::ne", "aten::eq",
-                 "aten::all"),
+    "attention": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::index",
+        "aten::index_copy_",
+        "aten::_scaled_dot_product_attention_math",
+        "aten::_efficient_attention_forward",
+        "aten::_scaled_dot_product_flash_attention",
+    ),
+    "sampling": ("aten::max", "aten::argmax", "aten::isfinite", "aten::abs", "aten::ne", "aten::eq", "aten::all"),
 }
 # Composite ops whose time is already counted in their children's self time.
 COMPOSITES = ("aten::linear", "aten::matmul")
@@ -60,13 +64,19 @@ def _requests(names: list[str | None], batch: int):
     from ..requests import Request
 
     topics = ("rivers", "music", "volcanoes", "bread", "chess", "bridges", "comets", "bees")
-    return [Request(str(i), names[i % len(names)],
-                    f"Write a short note about {topics[i % len(topics)]} number {i}, with one example.")
-            for i in range(batch)]
+    return [
+        Request(
+            str(i),
+            names[i % len(names)],
+            f"Write a short note about {topics[i % len(topics)]} number {i}, with one example.",
+        )
+        for i in range(batch)
+    ]
 
 
-def profile_decode(model: str | None, adapters: str | None, batch: int, steps: int, warmup: int,
-                   dtype: str, max_lora_rank: int) -> dict:
+def profile_decode(
+    model: str | None, adapters: str | None, batch: int, steps: int, warmup: int, dtype: str, max_lora_rank: int
+) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -75,8 +85,16 @@ def profile_decode(model: str | None, adapters: str | None, batch: int, steps: i
     from ..engine.sequence import SamplingParams
     from .roofline import flops_per_token, matmul_rate
 
-    engine = Engine(EngineConfig(model=model, adapters_dir=adapters, dtype=dtype, max_num_seqs=batch,
-                                 max_lora_rank=max_lora_rank, max_loras=8))
+    engine = Engine(
+        EngineConfig(
+            model=model,
+            adapters_dir=adapters,
+            dtype=dtype,
+            max_num_seqs=batch,
+            max_lora_rank=max_lora_rank,
+            max_loras=8,
+        )
+    )
     names: list[str | None] = list(engine.store.names()) or [None]
     params = SamplingParams(max_tokens=1 + warmup + 2 * steps + 1, ignore_eos=True)
     for req in _requests(names, batch):
@@ -106,10 +124,16 @@ def profile_decode(model: str | None, adapters: str | None, batch: int, steps: i
     activation = activation_ms(engine, [n for n in names if n]) if adapters else {}
     return {
         "activation_ms": activation,
-        "model": engine.model_name, "dtype": str(engine.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "batch": running, "adapters": [n for n in names if n],
-        "step_ms": step_s * 1e3, "tokens_per_s": running / step_s, "shares": shares,
-        "base_matmul_gflops": achieved / 1e9, "matmul_rate_gflops": peak / 1e9,
+        "model": engine.model_name,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "batch": running,
+        "adapters": [n for n in names if n],
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": running / step_s,
+        "shares": shares,
+        "base_matmul_gflops": achieved / 1e9,
+        "matmul_rate_gflops": peak / 1e9,
         "base_matmul_share_of_rate": achieved / peak if peak else 0.0,
         "probe_shape": f"[{running}x{spec.hidden}]x[{spec.hidden}x{spec.intermediate}]",
     }
@@ -124,8 +148,13 @@ def activation_ms(engine, names: list[str], rounds: int = 3) -> dict:
 
     from ..adapter_store import AdapterStore
 
-    store = AdapterStore(engine.config.adapters_dir, engine.spec, max_cpu_loras=len(names),
-                         max_lora_rank=engine.config.max_lora_rank, dtype=engine.dtype)
+    store = AdapterStore(
+        engine.config.adapters_dir,
+        engine.spec,
+        max_cpu_loras=len(names),
+        max_lora_rank=engine.config.max_lora_rank,
+        dtype=engine.dtype,
+    )
     disk, write = [], []
     for name in names:
         t0 = time.perf_counter()
@@ -145,22 +174,28 @@ def render(result: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(f"{result['model']} {result['dtype']}, {result['threads']} threads, batch {result['batch']}, "
-                  f"adapters {', '.join(result['adapters']) or 'none'}: decode step {result['step_ms']:.1f} ms "
-                  f"= {result['tokens_per_s']:.1f} tok/s")
+    console.print(
+        f"{result['model']} {result['dtype']}, {result['threads']} threads, batch {result['batch']}, "
+        f"adapters {', '.join(result['adapters']) or 'none'}: decode step {result['step_ms']:.1f} ms "
+        f"= {result['tokens_per_s']:.1f} tok/s"
+    )
     table = Table(title="decode step, share of profiled operator time")
     table.add_column("bucket")
     table.add_column("share", justify="right")
     for name, share in result["shares"].items():
         table.add_row(name, f"{100 * share:.1f}%")
     console.print(table)
-    console.print(f"base matmuls at {result['base_matmul_gflops']:.1f} GFLOP/s = "
-                  f"{100 * result['base_matmul_share_of_rate']:.0f}% of the measured matmul rate "
-                  f"({result['matmul_rate_gflops']:.1f} GFLOP/s at {result['probe_shape']})")
+    console.print(
+        f"base matmuls at {result['base_matmul_gflops']:.1f} GFLOP/s = "
+        f"{100 * result['base_matmul_share_of_rate']:.0f}% of the measured matmul rate "
+        f"({result['matmul_rate_gflops']:.1f} GFLOP/s at {result['probe_shape']})"
+    )
     act = result["activation_ms"]
     if act:
-        console.print(f"adapter activation, median: disk -> CPU cache {act['disk_to_cpu']:.1f} ms, "
-                      f"CPU cache -> slot {act['cpu_to_slot']:.2f} ms")
+        console.print(
+            f"adapter activation, median: disk -> CPU cache {act['disk_to_cpu']:.1f} ms, "
+            f"CPU cache -> slot {act['cpu_to_slot']:.2f} ms"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -90,8 +90,15 @@ def phase_rates(records: Sequence[Record], requests: Sequence[BenchRequest]) -> 
         tokens = sum(len(rec.tokens) for rec in mine)
         end = max((rec.latency for rec in mine), default=before)
         span = end - before
-        out.append({"phase": p, "requests": len(mine), "output_tokens": tokens, "end_s": end,
-                    "tokens_per_s": tokens / span if span > 0 else None})
+        out.append(
+            {
+                "phase": p,
+                "requests": len(mine),
+                "output_tokens": tokens,
+                "end_s": end,
+                "tokens_per_s": tokens / span if span > 0 else None,
+            }
+        )
         before = max(before, end)
     return out
 
@@ -107,8 +114,14 @@ def minority_waits(records: Sequence[Record], requests: Sequence[BenchRequest]) 
 
 
 def summarize(m: Measurement, requests: Sequence[BenchRequest], ignore_eos: bool) -> SystemResult:
-    base = dict(name=m.system, load_s=m.load_seconds, warmup_s=m.warmup_seconds, counters=m.counters,
-                peak_rss_mib=m.peak_rss_mib, rss_delta_mib=m.rss_delta_mib)
+    base = dict(
+        name=m.system,
+        load_s=m.load_seconds,
+        warmup_s=m.warmup_seconds,
+        counters=m.counters,
+        peak_rss_mib=m.peak_rss_mib,
+        rss_delta_mib=m.rss_delta_mib,
+    )
     if m.skipped:
         return SystemResult(status="skipped", note=m.skipped, **base)
     if m.error:
@@ -119,13 +132,22 @@ def summarize(m: Measurement, requests: Sequence[BenchRequest], ignore_eos: bool
     lats = [r.latency for r in m.records]
     waits = minority_waits(m.records, requests)
     result = SystemResult(
-        status="invalid" if problems else "ok", requests=len(m.records), output_tokens=tokens, wall_s=m.wall,
+        status="invalid" if problems else "ok",
+        requests=len(m.records),
+        output_tokens=tokens,
+        wall_s=m.wall,
         tokens_per_s=None if problems or m.wall <= 0 else tokens / m.wall,
-        ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99),
-        latency_p50_s=percentile(lats, 50), latency_p99_s=percentile(lats, 99),
-        minority_wait_p99_s=percentile(waits, 99), minority_wait_max_s=max(waits, default=None),
-        phases=phase_rates(m.records, requests), problems=problems,
-        note=f"{len(problems)} problem(s): {problems[0]}" if problems else "", **base)
+        ttft_p50_s=percentile(ttfts, 50),
+        ttft_p99_s=percentile(ttfts, 99),
+        latency_p50_s=percentile(lats, 50),
+        latency_p99_s=percentile(lats, 99),
+        minority_wait_p99_s=percentile(waits, 99),
+        minority_wait_max_s=max(waits, default=None),
+        phases=phase_rates(m.records, requests),
+        problems=problems,
+        note=f"{len(problems)} problem(s): {problems[0]}" if problems else "",
+        **base,
+    )
     return result
 
 
@@ -206,8 +228,10 @@ def _memory(r: SystemResult) -> str:
 
 def machine_line(report: BenchReport) -> str:
     m = report.machine
-    return (f"{m['cpu']} ({m['logical_cpus']} logical CPUs), {m['threads']} torch threads, {m['dtype']} on "
-            f"{m['device']}, torch {m['torch']}; load average {m['load_before']} before, {m['load_after']} after")
+    return (
+        f"{m['cpu']} ({m['logical_cpus']} logical CPUs), {m['threads']} torch threads, {m['dtype']} on "
+        f"{m['device']}, torch {m['torch']}; load average {m['load_before']} before, {m['load_after']} after"
+    )
 
 
 def roofline_lines(report: BenchReport) -> list[str]:
@@ -215,9 +239,11 @@ def roofline_lines(report: BenchReport) -> list[str]:
     for point in report.points:
         f = point.flops_per_token
         if f:
-            lines.append(f"{point.label or 'workload'}: {f['total'] / 1e6:.1f} MFLOP per generated token (dense "
-                         f"{f['dense'] / 1e6:.1f} + lm_head {f['lm_head'] / 1e6:.1f} + attention "
-                         f"{f['attention'] / 1e6:.2f} at context {f['context']:.0f} + LoRA {f['lora'] / 1e6:.2f})")
+            lines.append(
+                f"{point.label or 'workload'}: {f['total'] / 1e6:.1f} MFLOP per generated token (dense "
+                f"{f['dense'] / 1e6:.1f} + lm_head {f['lm_head'] / 1e6:.1f} + attention "
+                f"{f['attention'] / 1e6:.2f} at context {f['context']:.0f} + LoRA {f['lora'] / 1e6:.2f})"
+            )
     return lines
 
 
@@ -225,17 +251,35 @@ def table(point: Point, title: str):
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
-    for col in ("system", "status", "tok/s", "vs peft-mixed", "vs base", "TTFT p50/p99 s", "latency p50/p99 s",
-                "minority wait p99/max s", "peak RSS MiB (+Δ)", "% of matmul", "slots act/evict"):
+    for col in (
+        "system",
+        "status",
+        "tok/s",
+        "vs peft-mixed",
+        "vs base",
+        "TTFT p50/p99 s",
+        "latency p50/p99 s",
+        "minority wait p99/max s",
+        "peak RSS MiB (+Δ)",
+        "% of matmul",
+        "slots act/evict",
+    ):
         t.add_column(col, justify="left" if col in ("system", "status") else "right")
     for r in point.systems:
         style = STATUS_STYLE.get(r.status, "")
-        t.add_row(r.name, f"[{style}]{r.status}[/{style}]", _num(r.tokens_per_s),
-                  _num(r.vs_peft_mixed, "{:.2f}x"), _num(r.vs_base, "{:.2f}x"),
-                  _pair(r.ttft_p50_s, r.ttft_p99_s, "{:.1f}"), _pair(r.latency_p50_s, r.latency_p99_s, "{:.1f}"),
-                  _pair(r.minority_wait_p99_s, r.minority_wait_max_s, "{:.1f}"), _memory(r),
-                  _num(None if r.roofline_fraction is None else 100 * r.roofline_fraction, "{:.1f}%"),
-                  _slots(r))
+        t.add_row(
+            r.name,
+            f"[{style}]{r.status}[/{style}]",
+            _num(r.tokens_per_s),
+            _num(r.vs_peft_mixed, "{:.2f}x"),
+            _num(r.vs_base, "{:.2f}x"),
+            _pair(r.ttft_p50_s, r.ttft_p99_s, "{:.1f}"),
+            _pair(r.latency_p50_s, r.latency_p99_s, "{:.1f}"),
+            _pair(r.minority_wait_p99_s, r.minority_wait_max_s, "{:.1f}"),
+            _memory(r),
+            _num(None if r.roofline_fraction is None else 100 * r.roofline_fraction, "{:.1f}%"),
+            _slots(r),
+        )
     return t
 
 
@@ -301,8 +345,12 @@ def plot(report: BenchReport, path: str) -> None:
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
         ax.tick_params(axis="x", labelrotation=20)
     ax.set_ylabel("output tokens/s")
-    ax.set_title(f"loracli bench: {report.points[0].workload['description']}" if len(report.points) == 1
-                 else f"loracli bench: sweep over {report.sweep}", fontsize=9)
+    ax.set_title(
+        f"loracli bench: {report.points[0].workload['description']}"
+        if len(report.points) == 1
+        else f"loracli bench: sweep over {report.sweep}",
+        fontsize=9,
+    )
     ax.grid(axis="y", alpha=0.3)
     fig.text(0.01, 0.01, machine_line(report), fontsize=6, alpha=0.7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))

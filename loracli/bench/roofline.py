@@ -49,9 +49,13 @@ def matmul_rate(m: int, k: int, n: int, dtype, device: str = "cpu", seconds: flo
 
 
 def probe(spec: ModelSpec, dtype, device: str = "cpu", seconds: float = 0.3) -> list[dict]:
-    return [{"shape": f"[{m}x{spec.hidden}]x[{spec.hidden}x{spec.intermediate}]",
-             "flops_per_s": matmul_rate(m, spec.hidden, spec.intermediate, dtype, device, seconds)}
-            for m in PROBE_ROWS]
+    return [
+        {
+            "shape": f"[{m}x{spec.hidden}]x[{spec.hidden}x{spec.intermediate}]",
+            "flops_per_s": matmul_rate(m, spec.hidden, spec.intermediate, dtype, device, seconds),
+        }
+        for m in PROBE_ROWS
+    ]
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,9 @@ def lora_params_per_layer(spec: ModelSpec, rank: float, targets) -> float:
     return sum(rank * sum(spec.module_shape(t)) for t in targets)
 
 
-def flops_per_token(spec: ModelSpec, context: float, lora_rank: float = 0.0, targets=(),
-                    adapter_share: float = 1.0) -> TokenFlops:
+def flops_per_token(
+    spec: ModelSpec, context: float, lora_rank: float = 0.0, targets=(), adapter_share: float = 1.0
+) -> TokenFlops:
     q = spec.num_heads * spec.head_dim
     kv = spec.num_kv_heads * spec.head_dim
     per_layer = spec.hidden * (q + 2 * kv) + q * spec.hidden + 3 * spec.hidden * spec.intermediate

@@ -141,17 +141,23 @@ def make_context(options: BenchOptions) -> Context:
     eos = eos_ids(tokenizer, folder)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     name = default_model_name() if options.model in (None, "default") else folder.name
-    return Context(folder, spec, tokenizer, str(device), dtype, threads, pad, eos,
-                   frozenset({name, folder.name, "base"}), systems)
+    return Context(
+        folder, spec, tokenizer, str(device), dtype, threads, pad, eos, frozenset({name, folder.name, "base"}), systems
+    )
 
 
 def base_spec(options: BenchOptions, adapter_count: int) -> WorkloadSpec:
-    return WorkloadSpec(adapters=adapter_count, ranks=parse_ints(options.ranks, "ranks"),
-                        targets=parse_targets(options.targets), distribution=parse_distribution(options.distribution),
-                        prompts=int(options.prompts) if options.prompts.isdigit() else 1,
-                        prompt_len=parse_range(options.prompt_len, "prompt-len"),
-                        output_len=parse_range(options.output_len, "output-len"), ignore_eos=options.ignore_eos,
-                        seed=options.seed)
+    return WorkloadSpec(
+        adapters=adapter_count,
+        ranks=parse_ints(options.ranks, "ranks"),
+        targets=parse_targets(options.targets),
+        distribution=parse_distribution(options.distribution),
+        prompts=int(options.prompts) if options.prompts.isdigit() else 1,
+        prompt_len=parse_range(options.prompt_len, "prompt-len"),
+        output_len=parse_range(options.output_len, "output-len"),
+        ignore_eos=options.ignore_eos,
+        seed=options.seed,
+    )
 
 
 def workload_points(options: BenchOptions, base: WorkloadSpec) -> list[tuple[str, str | None, list[WorkloadSpec]]]:
@@ -173,28 +179,43 @@ def adapter_folder(root: Path, spec: WorkloadSpec) -> Path:
     return root / f"r{'-'.join(map(str, spec.ranks))}_{'-'.join(spec.targets)}_s{spec.seed}"
 
 
-def build_workload(ctx: Context, options: BenchOptions, specs: list[WorkloadSpec], real_adapters: list[str] | None,
-                   adapters_root: Path | None, maker: PromptMaker | None) -> Workload:
+def build_workload(
+    ctx: Context,
+    options: BenchOptions,
+    specs: list[WorkloadSpec],
+    real_adapters: list[str] | None,
+    adapters_root: Path | None,
+    maker: PromptMaker | None,
+) -> Workload:
     if maker is None:
         requests = file_requests(options.prompts, specs[0].output_len, options.seed, ctx.tokenizer, ctx.base_names)
         folder = options.adapters if real_adapters is not None else None
         unknown = sorted({r.adapter for r in requests if r.adapter is not None} - set(real_adapters or []))
         if unknown:
-            raise ConfigError(f"--prompts names adapter(s) {', '.join(unknown[:5])} not found in --adapters "
-                              f"{folder or '(none given: pass --adapters DIR)'}")
-        return Workload(requests, folder, options.ignore_eos, f"{len(requests)} prompts from {options.prompts}"
-                        + (", ignore-eos" if options.ignore_eos else ""), [])
+            raise ConfigError(
+                f"--prompts names adapter(s) {', '.join(unknown[:5])} not found in --adapters "
+                f"{folder or '(none given: pass --adapters DIR)'}"
+            )
+        return Workload(
+            requests,
+            folder,
+            options.ignore_eos,
+            f"{len(requests)} prompts from {options.prompts}" + (", ignore-eos" if options.ignore_eos else ""),
+            [],
+        )
     if real_adapters is not None:
         too_many = [s for s in specs if s.num_adapters > len(real_adapters)]
         if too_many:
-            raise ConfigError(f"the workload needs {too_many[0].num_adapters} adapters; {options.adapters} has "
-                              f"{len(real_adapters)}")
+            raise ConfigError(
+                f"the workload needs {too_many[0].num_adapters} adapters; {options.adapters} has {len(real_adapters)}"
+            )
         folder = options.adapters
     else:
         folder = str(adapter_folder(adapters_root, specs[0]))
         count = max(s.num_adapters for s in specs)
-        write_random_adapters(Path(folder), ctx.spec, count, specs[0].ranks, specs[0].targets, options.seed,
-                              str(ctx.folder))
+        write_random_adapters(
+            Path(folder), ctx.spec, count, specs[0].ranks, specs[0].targets, options.seed, str(ctx.folder)
+        )
     requests = synthetic_requests(specs, maker, real_adapters)
     description = specs[0].describe() if len(specs) == 1 else " ; ".join(s.describe() for s in specs)
     return Workload(requests, folder, options.ignore_eos, description, [s.to_dict() for s in specs])
@@ -203,13 +224,27 @@ def build_workload(ctx: Context, options: BenchOptions, specs: list[WorkloadSpec
 def job_for(ctx: Context, system: SystemSpec, workload: Workload, options: BenchOptions) -> Job:
     from ..adapters import read_adapter_config
 
-    ranks = [read_adapter_config(Path(workload.adapters_dir) / n).r for n in workload.adapter_names] \
-        if workload.adapters_dir else []
+    ranks = (
+        [read_adapter_config(Path(workload.adapters_dir) / n).r for n in workload.adapter_names]
+        if workload.adapters_dir
+        else []
+    )
     requests = [{**asdict(r), "ids": prompt_ids(ctx.tokenizer, r)} for r in workload.requests]
-    return Job(system=system.name, model=str(ctx.folder), adapters_dir=workload.adapters_dir, dtype=ctx.dtype,
-               device=ctx.device, threads=ctx.threads, baseline_batch=options.baseline_batch,
-               ignore_eos=workload.ignore_eos, max_lora_rank=lora_rank_limit(max(ranks, default=1)),
-               pad_id=ctx.pad_id, eos_ids=ctx.eos_ids, requests=requests, warmup=options.warmup)
+    return Job(
+        system=system.name,
+        model=str(ctx.folder),
+        adapters_dir=workload.adapters_dir,
+        dtype=ctx.dtype,
+        device=ctx.device,
+        threads=ctx.threads,
+        baseline_batch=options.baseline_batch,
+        ignore_eos=workload.ignore_eos,
+        max_lora_rank=lora_rank_limit(max(ranks, default=1)),
+        pad_id=ctx.pad_id,
+        eos_ids=ctx.eos_ids,
+        requests=requests,
+        warmup=options.warmup,
+    )
 
 
 def run_isolated(job: Job) -> Measurement:
@@ -217,10 +252,16 @@ def run_isolated(job: Job) -> Measurement:
     with tempfile.TemporaryDirectory(prefix="loracli-bench-job-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(asdict(job)))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-               "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(job.threads)}
-        proc = subprocess.run([sys.executable, "-m", "loracli.bench.worker", str(job_path), str(out_path)],
-                              env=env, stdout=2, check=False)
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": str(job.threads),
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "loracli.bench.worker", str(job_path), str(out_path)], env=env, stdout=2, check=False
+        )
         if not out_path.is_file():
             return Measurement(job.system, error=f"worker process exited with status {proc.returncode}")
         return Measurement.from_dict(json.loads(out_path.read_text()))
@@ -239,12 +280,16 @@ def token_flops(ctx: Context, workload: Workload, specs: list[WorkloadSpec]) -> 
     mean_prompt = sum(r.prompt_len for r in reqs) / len(reqs)
     mean_out = sum(r.max_tokens for r in reqs) / len(reqs)
     with_adapter = [r for r in reqs if r.adapter is not None]
-    configs = {n: read_adapter_config(Path(workload.adapters_dir) / n) for n in workload.adapter_names} \
-        if workload.adapters_dir else {}
+    configs = (
+        {n: read_adapter_config(Path(workload.adapters_dir) / n) for n in workload.adapter_names}
+        if workload.adapters_dir
+        else {}
+    )
     rank = sum(configs[r.adapter].r for r in with_adapter) / len(with_adapter) if with_adapter else 0.0
     targets = sorted({t for c in configs.values() for t in c.target_modules}) if configs else []
-    return flops_per_token(ctx.spec, mean_prompt + (mean_out + 1) / 2, rank, targets,
-                           len(with_adapter) / len(reqs)).to_dict()
+    return flops_per_token(
+        ctx.spec, mean_prompt + (mean_out + 1) / 2, rank, targets, len(with_adapter) / len(reqs)
+    ).to_dict()
 
 
 def run_point(ctx: Context, options: BenchOptions, workload: Workload, log) -> list:
@@ -259,8 +304,10 @@ def run_point(ctx: Context, options: BenchOptions, workload: Workload, log) -> l
             m = run_isolated(job) if options.isolate else run_here(job)
         r = summarize(m, requests, workload.ignore_eos)
         rate = f"{r.tokens_per_s:.1f} tok/s" if r.tokens_per_s is not None else r.note
-        log(f"[{i}/{len(ctx.systems)}] {system.name}: {r.status}, {rate} (load {r.load_s:.1f}s, warm-up "
-            f"{r.warmup_s:.1f}s, run {r.wall_s:.1f}s)")
+        log(
+            f"[{i}/{len(ctx.systems)}] {system.name}: {r.status}, {rate} (load {r.load_s:.1f}s, warm-up "
+            f"{r.warmup_s:.1f}s, run {r.wall_s:.1f}s)"
+        )
         results.append(r)
     return results
 
@@ -294,8 +341,11 @@ def run_bench(options: BenchOptions, log=lambda message: None) -> BenchReport:
     load_before = load_average()
     log(f"model {ctx.folder}, {ctx.dtype} on {ctx.device}, {ctx.threads} threads")
     maker = PromptMaker(ctx.tokenizer) if synthetic else None
-    roof = probe(ctx.spec, getattr(torch, ctx.dtype), ctx.device, options.roofline_seconds) \
-        if options.roofline_seconds > 0 else []
+    roof = (
+        probe(ctx.spec, getattr(torch, ctx.dtype), ctx.device, options.roofline_seconds)
+        if options.roofline_seconds > 0
+        else []
+    )
     root = Path(tempfile.mkdtemp(prefix="loracli-bench-adapters-")) if real is None and synthetic else None
     out_points = []
     try:
@@ -309,12 +359,25 @@ def run_bench(options: BenchOptions, log=lambda message: None) -> BenchReport:
     finally:
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
-    machine = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": ctx.threads, "dtype": ctx.dtype,
-               "device": ctx.device, "torch": torch.__version__, "python": platform.python_version(),
-               "load_before": load_before, "load_after": load_average()}
-    report = BenchReport(" ".join(["loracli", "bench", *options.command]),
-                         dt.datetime.now().astimezone().isoformat(timespec="seconds"), machine, roof,
-                         parse_sweep(options.sweep)[0] if options.sweep else None, out_points)
+    machine = {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": ctx.threads,
+        "dtype": ctx.dtype,
+        "device": ctx.device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
+    report = BenchReport(
+        " ".join(["loracli", "bench", *options.command]),
+        dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        machine,
+        roof,
+        parse_sweep(options.sweep)[0] if options.sweep else None,
+        out_points,
+    )
     for point in report.points:
         compare(point.systems, point.flops_per_token["total"], report.peak_flops)
     busy = busy_note(load_before, os.cpu_count() or 1)
@@ -331,5 +394,7 @@ def busy_note(load: str, cpus: int) -> str | None:
         return None
     if one_minute < cpus:
         return None
-    return (f"the machine was busy (load average {one_minute:.2f} on {cpus} logical CPUs): timings are noisy; "
-            "compare systems by the ratios of one run, not by absolute numbers")
+    return (
+        f"the machine was busy (load average {one_minute:.2f} on {cpus} logical CPUs): timings are noisy; "
+        "compare systems by the ratios of one run, not by absolute numbers"
+    )

@@ -127,7 +127,7 @@ def parse_systems(text: str) -> list[SystemSpec]:
         raise ConfigError("--systems: name at least one system")
     out: list[SystemSpec] = []
     for n in names:
-        for spec in ([parse_system(k) for k in ALL_KINDS] if n == "all" else [parse_system(n)]):
+        for spec in [parse_system(k) for k in ALL_KINDS] if n == "all" else [parse_system(n)]:
             if spec.name not in {s.name for s in out}:
                 out.append(spec)
     return out
@@ -234,8 +234,9 @@ class LoracliSystem(System):
         overrides.setdefault("max_lora_rank", job.max_lora_rank)
         self.strip = spec.kind == "base"
         self.ignore_eos = job.ignore_eos
-        config = EngineConfig(model=job.model, adapters_dir=job.adapters_dir, dtype=job.dtype, device=job.device,
-                              **overrides)
+        config = EngineConfig(
+            model=job.model, adapters_dir=job.adapters_dir, dtype=job.dtype, device=job.device, **overrides
+        )
         self.engine = self.load(config, spec)
 
     def load(self, config: EngineConfig, spec: SystemSpec):
@@ -248,8 +249,13 @@ class LoracliSystem(System):
 
         out = []
         for r in requests:
-            req = Request(r["id"], None if self.strip else r["adapter"], r["prompt"], r["messages"],
-                          {"max_tokens": r["max_tokens"], "ignore_eos": self.ignore_eos, "temperature": 0.0})
+            req = Request(
+                r["id"],
+                None if self.strip else r["adapter"],
+                r["prompt"],
+                r["messages"],
+                {"max_tokens": r["max_tokens"], "ignore_eos": self.ignore_eos, "temperature": 0.0},
+            )
             if hasattr(self.engine, "tokenize") and self.engine.tokenize(req) != r["ids"]:
                 raise RuntimeError(f"request {r['id']}: the engine tokenizes the prompt differently from the bench")
             out.append(req)
@@ -257,12 +263,20 @@ class LoracliSystem(System):
 
     def counters(self) -> dict:
         e = self.engine
-        return {"steps": e.stats.steps, "prefill_steps": e.stats.prefill_steps,
-                "slot_activations": e.slots.stats.activations, "slot_evictions": e.slots.stats.evictions,
-                "slot_hits": e.slots.stats.hits, "disk_loads": e.store.stats.disk_loads,
-                "cpu_evictions": e.store.stats.cpu_evictions, "preemptions": e.scheduler.preemptions,
-                "oom_backoffs": e.stats.oom_backoffs, "slot_resizes": len(e.resizer.timeline.resizes),
-                "slots": e.slots.n_slots, "merges": e.merger.report()["merges"]}
+        return {
+            "steps": e.stats.steps,
+            "prefill_steps": e.stats.prefill_steps,
+            "slot_activations": e.slots.stats.activations,
+            "slot_evictions": e.slots.stats.evictions,
+            "slot_hits": e.slots.stats.hits,
+            "disk_loads": e.store.stats.disk_loads,
+            "cpu_evictions": e.store.stats.cpu_evictions,
+            "preemptions": e.scheduler.preemptions,
+            "oom_backoffs": e.stats.oom_backoffs,
+            "slot_resizes": len(e.resizer.timeline.resizes),
+            "slots": e.slots.n_slots,
+            "merges": e.merger.report()["merges"],
+        }
 
     def run(self, requests: list[dict]) -> Timed:
         reqs = self._requests(requests)
@@ -291,11 +305,19 @@ class LoracliRaySystem(LoracliSystem):
 
     def counters(self) -> dict:
         c, rep = self.engine.counters(), self.engine.cluster_report()
-        return {"steps": c.steps, "slot_activations": c.slot_activations, "slot_evictions": c.slot_evictions,
-                "disk_loads": c.disk_loads, "preemptions": c.preemptions, "resent": rep["resent"],
-                "stolen": rep["stolen"], "request_bytes": rep["request_bytes_sent"],
-                "result_bytes": rep["result_bytes_received"], "adapter_bytes": rep["adapter_bytes_read"],
-                "shipped_bytes": rep["adapter_bytes_shipped"]}
+        return {
+            "steps": c.steps,
+            "slot_activations": c.slot_activations,
+            "slot_evictions": c.slot_evictions,
+            "disk_loads": c.disk_loads,
+            "preemptions": c.preemptions,
+            "resent": rep["resent"],
+            "stolen": rep["stolen"],
+            "request_bytes": rep["request_bytes_sent"],
+            "result_bytes": rep["result_bytes_received"],
+            "adapter_bytes": rep["adapter_bytes_read"],
+            "shipped_bytes": rep["adapter_bytes_shipped"],
+        }
 
     def elsewhere_rss_mib(self) -> float:
         return sum(w["peak_rss_mib"] or 0.0 for w in self.engine.cluster_report()["per_worker"])
@@ -337,28 +359,39 @@ class HFSystem(System):
         ids = torch.tensor([[job.pad_id] * (width - len(r["ids"])) + r["ids"] for r in batch], device=job.device)
         mask = torch.tensor([[0] * (width - len(r["ids"])) + [1] * len(r["ids"]) for r in batch], device=job.device)
         max_new = max(r["max_tokens"] for r in batch)
-        config = GenerationConfig(max_new_tokens=max_new, min_new_tokens=max_new if job.ignore_eos else None,
-                                  do_sample=False, pad_token_id=job.pad_id, eos_token_id=job.eos_ids or None)
+        config = GenerationConfig(
+            max_new_tokens=max_new,
+            min_new_tokens=max_new if job.ignore_eos else None,
+            do_sample=False,
+            pad_token_id=job.pad_id,
+            eos_token_id=job.eos_ids or None,
+        )
         first = FirstStep()
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                 logits_processor=LogitsProcessorList([first]), **kwargs)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([first]),
+                **kwargs,
+            )
         end = time.perf_counter() - t0
         ttft = first.time - t0 if first.time is not None else None
-        return [Record(r["id"], self.cut(out[i, width:].tolist(), r["max_tokens"]), ttft, end)
-                for i, r in enumerate(batch)]
+        return [
+            Record(r["id"], self.cut(out[i, width:].tolist(), r["max_tokens"]), ttft, end) for i, r in enumerate(batch)
+        ]
 
     def cut(self, tokens: list[int], max_tokens: int) -> list[int]:
         tokens = tokens[:max_tokens]
         if not self.job.ignore_eos:
             for i, t in enumerate(tokens):
                 if t in self.job.eos_ids:
-                    return tokens[:i + 1]
+                    return tokens[: i + 1]
         return tokens
 
     def batches(self, requests: list[dict]) -> list[list[dict]]:
         b = self.job.baseline_batch
-        return [requests[i:i + b] for i in range(0, len(requests), b)]
+        return [requests[i : i + b] for i in range(0, len(requests), b)]
 
     def grouped(self, requests: list[dict]) -> list[tuple[str | None, list[dict]]]:
         groups: dict[str | None, list[dict]] = {}
@@ -434,8 +467,10 @@ class MergedSwapSystem(HFSystem):
 
         super().__init__(job)
         self.spec = ModelSpec.from_hf_config(self.model.config)
-        self.adapters = {name: load_adapter(Path(job.adapters_dir) / name, self.spec, dtype=self.dtype)
-                         for name in adapters_of(job.requests)}
+        self.adapters = {
+            name: load_adapter(Path(job.adapters_dir) / name, self.spec, dtype=self.dtype)
+            for name in adapters_of(job.requests)
+        }
 
     def merge(self, name: str) -> dict:
         """Add the adapter's scale * B @ A into the base weights (float32 math); returns the originals."""
@@ -476,18 +511,30 @@ class VllmSystem(System):
         self.job = job
         names = adapters_of(job.requests)
         self.lora_ids = {name: i + 1 for i, name in enumerate(names)}
-        self.llm = LLM(model=job.model, dtype=job.dtype, enable_lora=bool(names), max_loras=max(1, min(8, len(names))),
-                       max_lora_rank=job.max_lora_rank, seed=0)
+        self.llm = LLM(
+            model=job.model,
+            dtype=job.dtype,
+            enable_lora=bool(names),
+            max_loras=max(1, min(8, len(names))),
+            max_lora_rank=job.max_lora_rank,
+            seed=0,
+        )
 
     def run(self, requests: list[dict]) -> Timed:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
         prompts = [{"prompt_token_ids": r["ids"]} for r in requests]
-        params = [SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], ignore_eos=self.job.ignore_eos)
-                  for r in requests]
-        loras = [LoRARequest(r["adapter"], self.lora_ids[r["adapter"]], str(Path(self.job.adapters_dir) / r["adapter"]))
-                 if r["adapter"] else None for r in requests]
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], ignore_eos=self.job.ignore_eos)
+            for r in requests
+        ]
+        loras = [
+            LoRARequest(r["adapter"], self.lora_ids[r["adapter"]], str(Path(self.job.adapters_dir) / r["adapter"]))
+            if r["adapter"]
+            else None
+            for r in requests
+        ]
         t0 = time.perf_counter()
         start = time.time()
         outputs = self.llm.generate(prompts, params, lora_request=loras if self.lora_ids else None, use_tqdm=False)
@@ -497,8 +544,14 @@ class VllmSystem(System):
             metrics = getattr(out, "metrics", None)
             first = getattr(metrics, "first_token_time", None)
             done = getattr(metrics, "finished_time", None)
-            records.append(Record(r["id"], list(out.outputs[0].token_ids), first - start if first else None,
-                                  done - start if done else wall))
+            records.append(
+                Record(
+                    r["id"],
+                    list(out.outputs[0].token_ids),
+                    first - start if first else None,
+                    done - start if done else wall,
+                )
+            )
         return Timed(records, wall)
 
 
@@ -515,6 +568,10 @@ def build_system(job: Job) -> System:
         return LoracliSystem(job, spec)
     if spec.kind == "loracli-ray":
         return LoracliRaySystem(job, spec)
-    builders = {"peft-mixed": PeftMixedSystem, "peft-grouped": PeftGroupedSystem, "merged-swap": MergedSwapSystem,
-                "vllm": VllmSystem}
+    builders = {
+        "peft-mixed": PeftMixedSystem,
+        "peft-grouped": PeftGroupedSystem,
+        "merged-swap": MergedSwapSystem,
+        "vllm": VllmSystem,
+    }
     return builders[spec.kind](job)

@@ -90,8 +90,9 @@ def parse_distribution(text: str) -> Distribution:
         if not 0 < share <= 1:
             raise ConfigError(f"--distribution: dominant needs a share in (0, 1], got {text!r}")
         return Distribution("dominant", share)
-    raise ConfigError(f"--distribution must be one of {', '.join(NAMED_DISTRIBUTIONS)}, zipf:ALPHA or dominant:P, "
-                      f"got {text!r}")
+    raise ConfigError(
+        f"--distribution must be one of {', '.join(NAMED_DISTRIBUTIONS)}, zipf:ALPHA or dominant:P, got {text!r}"
+    )
 
 
 def parse_range(text: str | int, option: str) -> tuple[int, int]:
@@ -183,9 +184,11 @@ class WorkloadSpec:
     def describe(self) -> str:
         ranks = ",".join(map(str, self.ranks))
         targets = "all" if self.targets == TARGET_MODULES else ",".join(self.targets)
-        return (f"{self.num_adapters} adapters (rank {ranks}, {targets}), {self.distribution}, {self.prompts} prompts, "
-                f"prompt {format_range(self.prompt_len)} tok, output {format_range(self.output_len)} tok"
-                + (", ignore-eos" if self.ignore_eos else ""))
+        return (
+            f"{self.num_adapters} adapters (rank {ranks}, {targets}), {self.distribution}, {self.prompts} prompts, "
+            f"prompt {format_range(self.prompt_len)} tok, output {format_range(self.output_len)} tok"
+            + (", ignore-eos" if self.ignore_eos else "")
+        )
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -310,11 +313,19 @@ class Workload:
     def to_dict(self) -> dict:
         lens = [r.prompt_len for r in self.requests]
         outs = [r.max_tokens for r in self.requests]
-        return {"description": self.description, "requests": len(self.requests), "adapters": self.adapter_names,
-                "adapters_dir": self.adapters_dir, "ignore_eos": self.ignore_eos, "phases": self.specs,
-                "prompt_tokens": sum(lens), "max_output_tokens": sum(outs),
-                "mean_prompt_len": sum(lens) / len(lens), "mean_output_len": sum(outs) / len(outs),
-                "adapter_counts": adapter_counts(self.requests)}
+        return {
+            "description": self.description,
+            "requests": len(self.requests),
+            "adapters": self.adapter_names,
+            "adapters_dir": self.adapters_dir,
+            "ignore_eos": self.ignore_eos,
+            "phases": self.specs,
+            "prompt_tokens": sum(lens),
+            "max_output_tokens": sum(outs),
+            "mean_prompt_len": sum(lens) / len(lens),
+            "mean_output_len": sum(outs) / len(outs),
+            "adapter_counts": adapter_counts(self.requests),
+        }
 
 
 def adapter_counts(requests: Sequence[BenchRequest]) -> dict[str, int]:
@@ -364,8 +375,9 @@ class PromptMaker:
         return best
 
 
-def synthetic_requests(specs: Sequence[WorkloadSpec], maker: PromptMaker,
-                       names: Sequence[str] | None = None) -> list[BenchRequest]:
+def synthetic_requests(
+    specs: Sequence[WorkloadSpec], maker: PromptMaker, names: Sequence[str] | None = None
+) -> list[BenchRequest]:
     """The requests of a chain of synthetic phases (one phase = one spec); adapter i is `names[i]`
     when real adapters are given, else `adapter_name(i)`."""
     out = []
@@ -379,13 +391,13 @@ def synthetic_requests(specs: Sequence[WorkloadSpec], maker: PromptMaker,
             text, length = maker.make(prompt_lens[i], words)
             index = adapters[i]
             name = None if index is None else names[index] if names is not None else adapter_name(index)
-            out.append(BenchRequest(f"p{phase}-{i}", name, output_lens[i], prompt=text, phase=phase,
-                                    prompt_len=length))
+            out.append(BenchRequest(f"p{phase}-{i}", name, output_lens[i], prompt=text, phase=phase, prompt_len=length))
     return out
 
 
-def file_requests(path: str, output_len: tuple[int, int], seed: int, tokenizer,
-                  base_names: frozenset[str]) -> list[BenchRequest]:
+def file_requests(
+    path: str, output_len: tuple[int, int], seed: int, tokenizer, base_names: frozenset[str]
+) -> list[BenchRequest]:
     """Requests from a `run`-format input file; bad records are a `ConfigError` (a benchmark needs clean input)."""
     from ..input_sources import Blank, check_input, read_items
     from ..requests import Request
@@ -415,8 +427,9 @@ def prompt_ids(tokenizer, req: BenchRequest) -> list[int]:
     return tokenizer(req.prompt)["input_ids"]
 
 
-def random_adapter_tensors(spec: ModelSpec, rank: int, targets: Sequence[str],
-                           generator: torch.Generator) -> dict[str, torch.Tensor]:
+def random_adapter_tensors(
+    spec: ModelSpec, rank: int, targets: Sequence[str], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """PEFT-named LoRA tensors for every layer and target: A ~ N(0, 1/in), B ~ N(0, B_STD²), bfloat16."""
     tensors = {}
     for layer in range(spec.num_layers):
@@ -431,15 +444,36 @@ def random_adapter_tensors(spec: ModelSpec, rank: int, targets: Sequence[str],
 
 
 def adapter_config(rank: int, targets: Sequence[str], base_model: str) -> dict:
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-            "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-            "use_dora": False, "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-            "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
-            "base_model_name_or_path": base_model}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": sorted(targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "base_model_name_or_path": base_model,
+    }
 
 
-def write_random_adapters(folder: Path, spec: ModelSpec, count: int, ranks: Sequence[int],
-                          targets: Sequence[str], seed: int, base_model: str = "") -> list[str]:
+def write_random_adapters(
+    folder: Path,
+    spec: ModelSpec,
+    count: int,
+    ranks: Sequence[int],
+    targets: Sequence[str],
+    seed: int,
+    base_model: str = "",
+) -> list[str]:
     """Adapters 0..count-1 under `folder` (those already there are kept: they are the same); their names."""
     from safetensors.torch import save_file
 

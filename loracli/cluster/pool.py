@@ -121,8 +121,9 @@ class RayPool:
         # short so the backlog stays in the router, where any worker that runs short can take it.
         self.queue_target = config.max_num_seqs + max(1, config.max_num_seqs // 4)
         self.window = options.workers * 2 * config.max_num_seqs
-        self.router = make_router(options.routing, options.workers, min_queue=config.max_num_seqs,
-                                  max_waited=2 * self.window)
+        self.router = make_router(
+            options.routing, options.workers, min_queue=config.max_num_seqs, max_waited=2 * self.window
+        )
         self.sent: list[dict[str, Request]] = [{} for _ in self.handles]
         self.replies: list[Reply | None] = [None] * len(self.handles)
         self.answered = [0] * len(self.handles)
@@ -187,8 +188,10 @@ class RayPool:
         have = self.ray.cluster_resources()
         for name, each in (("CPU", o.worker_cpus), ("GPU", gpus)):
             if each and have.get(name, 0) < o.workers * each:
-                raise ClusterError(f"--workers {o.workers} x {each:g} {name} need {o.workers * each:g} {name}s; "
-                                   f"the Ray cluster has {have.get(name, 0):g}")
+                raise ClusterError(
+                    f"--workers {o.workers} x {each:g} {name} need {o.workers * each:g} {name}s; "
+                    f"the Ray cluster has {have.get(name, 0):g}"
+                )
 
     def close(self) -> None:
         """Workers remove their adapter copies (waiting 30 s at most), every actor is killed, and a Ray
@@ -225,8 +228,9 @@ class RayPool:
                 total.add(reply.counters)
         return total
 
-    def generate(self, requests: Iterable[Request | InputError],
-                 defaults: SamplingParams | None = None) -> Iterator[Result]:
+    def generate(
+        self, requests: Iterable[Request | InputError], defaults: SamplingParams | None = None
+    ) -> Iterator[Result]:
         """Stream results as workers finish them; input is read at most `window` requests ahead."""
         defaults = defaults or SamplingParams()
         source = iter(requests)
@@ -239,8 +243,9 @@ class RayPool:
                     exhausted = True
                 elif isinstance(item, InputError):
                     now = time.perf_counter()
-                    yield Result(None, str(item.line), None, error=("invalid_request", str(item)), arrival=now,
-                                 finished=now)
+                    yield Result(
+                        None, str(item.line), None, error=("invalid_request", str(item)), arrival=now, finished=now
+                    )
                 else:
                     self.router.add(item)
             self._dispatch(calls, defaults)
@@ -295,11 +300,15 @@ class RayPool:
         self.handles[w].__ray_terminate__.remote()
         self.router.lose(w, [] if self.stopping else lost)
         live = self.router.live()
-        self.log(f"Ray worker {w} failed ({self.errors[w]}); {len(lost)} requests "
-                 f"{'dropped (stopping)' if self.stopping else 'sent to the others'}; {len(live)} left")
+        self.log(
+            f"Ray worker {w} failed ({self.errors[w]}); {len(lost)} requests "
+            f"{'dropped (stopping)' if self.stopping else 'sent to the others'}; {len(live)} left"
+        )
         if not live and not self.stopping:  # stopping: what was lost is run by the resumed run
-            raise ClusterError(f"all {self.options.workers} Ray workers failed; the last: {self.errors[w]} "
-                               "(finished results are kept: rerun the same command to resume)")
+            raise ClusterError(
+                f"all {self.options.workers} Ray workers failed; the last: {self.errors[w]} "
+                "(finished results are kept: rerun the same command to resume)"
+            )
 
     def reports(self) -> dict:
         live = self.router.live()
@@ -310,29 +319,47 @@ class RayPool:
                 got[w] = self.ray.get(ref, timeout=30)
             except Exception as e:  # noqa: BLE001 - a worker lost at the very end: its counts stay
                 self.errors[w] = _cause(e)
-        return {"slots": {f"worker{w}": r["slots"] for w, r in got.items()},
-                "merges": {f"worker{w}": r["merges"] for w, r in got.items()},
-                "cluster": self.cluster_report()}
+        return {
+            "slots": {f"worker{w}": r["slots"] for w, r in got.items()},
+            "merges": {f"worker{w}": r["merges"] for w, r in got.items()},
+            "cluster": self.cluster_report(),
+        }
 
     def cluster_report(self) -> dict:
         per_worker = []
         for w, reply in enumerate(self.replies):
             c = reply.counters if reply else Counters()
             state = self.router.workers[w]
-            per_worker.append({"worker": w, "alive": state.alive, "error": self.errors[w],
-                               "requests": self.answered[w], "sent": state.sent,
-                               "adapters_loaded": c.disk_loads, "adapter_bytes_read": c.disk_bytes,
-                               "swaps": c.slot_activations, "slot_evictions": c.slot_evictions,
-                               "peak_rss_mib": round(reply.peak_rss_mib, 1) if reply else None,
-                               "adapters_shipped": len(self.shipper.sent[w]) if self.shipper else 0,
-                               "adapter_bytes_shipped": self.shipper.bytes_sent[w] if self.shipper else 0,
-                               "holds": reply.holds if reply else []})
-        return {"workers": self.options.workers, "routing": self.options.routing, "address": self.options.address,
-                "resent": self.router.resent, "stolen": getattr(self.router, "stolen", 0),
-                "starved": getattr(self.router, "starved", 0), "request_bytes_sent": self.request_bytes,
-                "result_bytes_received": self.result_bytes,
-                "adapter_bytes_read": sum(p["adapter_bytes_read"] for p in per_worker),
-                "ship_adapters": self.shipper is not None,
-                "adapter_bytes_shipped": sum(p["adapter_bytes_shipped"] for p in per_worker),
-                "adapter_bytes_read_by_driver": self.shipper.bytes_read if self.shipper else 0,
-                "adapters_loaded": sum(p["adapters_loaded"] for p in per_worker), "per_worker": per_worker}
+            per_worker.append(
+                {
+                    "worker": w,
+                    "alive": state.alive,
+                    "error": self.errors[w],
+                    "requests": self.answered[w],
+                    "sent": state.sent,
+                    "adapters_loaded": c.disk_loads,
+                    "adapter_bytes_read": c.disk_bytes,
+                    "swaps": c.slot_activations,
+                    "slot_evictions": c.slot_evictions,
+                    "peak_rss_mib": round(reply.peak_rss_mib, 1) if reply else None,
+                    "adapters_shipped": len(self.shipper.sent[w]) if self.shipper else 0,
+                    "adapter_bytes_shipped": self.shipper.bytes_sent[w] if self.shipper else 0,
+                    "holds": reply.holds if reply else [],
+                }
+            )
+        return {
+            "workers": self.options.workers,
+            "routing": self.options.routing,
+            "address": self.options.address,
+            "resent": self.router.resent,
+            "stolen": getattr(self.router, "stolen", 0),
+            "starved": getattr(self.router, "starved", 0),
+            "request_bytes_sent": self.request_bytes,
+            "result_bytes_received": self.result_bytes,
+            "adapter_bytes_read": sum(p["adapter_bytes_read"] for p in per_worker),
+            "ship_adapters": self.shipper is not None,
+            "adapter_bytes_shipped": sum(p["adapter_bytes_shipped"] for p in per_worker),
+            "adapter_bytes_read_by_driver": self.shipper.bytes_read if self.shipper else 0,
+            "adapters_loaded": sum(p["adapters_loaded"] for p in per_worker),
+            "per_worker": per_worker,
+        }

@@ -152,8 +152,16 @@ class AffinityRouter(Router):
         return self._sent(w, out)
 
     def _starving(self, room: int, mine) -> list[Any]:
-        old = sorted((p for a, q in self.queues.items() if mine(a) for p in q
-                      if self.sent_total - p.sent_mark >= self.max_waited), key=lambda p: p.order)[:room]
+        old = sorted(
+            (
+                p
+                for a, q in self.queues.items()
+                if mine(a)
+                for p in q
+                if self.sent_total - p.sent_mark >= self.max_waited
+            ),
+            key=lambda p: p.order,
+        )[:room]
         for p in old:
             self.queues[p.req.adapter].remove(p)
         self.starved += len(old)
@@ -171,8 +179,10 @@ class AffinityRouter(Router):
             held_by_someone.add(adapter)
 
     def _by_backlog(self, keep) -> list[str | None]:
-        return sorted((a for a, q in self.queues.items() if q and keep(a)),
-                      key=lambda a: (-len(self.queues[a]), self.queues[a][0].order))
+        return sorted(
+            (a for a, q in self.queues.items() if q and keep(a)),
+            key=lambda a: (-len(self.queues[a]), self.queues[a][0].order),
+        )
 
     def _pop(self, adapter: str | None, n: int) -> list[Any]:
         q = self.queues[adapter]

@@ -45,8 +45,13 @@ class WorkerStartError(Exception):
 
 
 class EngineWorker:
-    def __init__(self, config: EngineConfig, threads: int | None = None, shipped_names: list[str] | None = None,
-                 adapters: dict | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        threads: int | None = None,
+        shipped_names: list[str] | None = None,
+        adapters: dict | None = None,
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.inbox = None
@@ -69,15 +74,27 @@ class EngineWorker:
 
     def describe(self) -> dict:
         e = self.engine
-        return {"model_name": e.model_name, "base_names": sorted(e.base_names), "device": str(e.device),
-                "dtype": str(e.dtype).replace("torch.", ""), "max_model_len": e.max_model_len,
-                "adapters_folder": str(e.store.folder) if e.store.folder else None}
+        return {
+            "model_name": e.model_name,
+            "base_names": sorted(e.base_names),
+            "device": str(e.device),
+            "dtype": str(e.dtype).replace("torch.", ""),
+            "max_model_len": e.max_model_len,
+            "adapters_folder": str(e.store.folder) if e.store.folder else None,
+        }
 
     def preflight_many(self, reqs: list[Request]) -> list[str | None]:
         return self.engine.preflight_many(reqs)
 
-    def work(self, new: list[Request], defaults: SamplingParams, stop: bool = False, adapters: dict | None = None,
-             min_seconds: float = 0.1, max_seconds: float = 2.0) -> Reply:
+    def work(
+        self,
+        new: list[Request],
+        defaults: SamplingParams,
+        stop: bool = False,
+        adapters: dict | None = None,
+        min_seconds: float = 0.1,
+        max_seconds: float = 2.0,
+    ) -> Reply:
         e = self.engine
         self._receive(adapters)
         dropped = e.stop_admitting() if stop else []

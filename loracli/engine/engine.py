@@ -126,27 +126,49 @@ class Engine:
         self.eos_ids = self._eos_ids(folder)
         state = load_state_dict(folder, lambda k: not k.startswith("lm_head") or not self.spec.tie_embeddings)
         slots = config.min_loras if config.dynamic_slots else config.max_loras
-        self.model = CausalLM(hf_config, self.spec, state, dtype=self.dtype, device=self.device,
-                              n_slots=slots, max_rank=config.max_lora_rank, max_len=self.max_model_len)
+        self.model = CausalLM(
+            hf_config,
+            self.spec,
+            state,
+            dtype=self.dtype,
+            device=self.device,
+            n_slots=slots,
+            max_rank=config.max_lora_rank,
+            max_len=self.max_model_len,
+        )
         budget = self._memory_budget()
         if budget is not None:
             budget.check(slots, -(-self.max_model_len // config.block_size))
             num_blocks = budget.kv_blocks(slots)
         else:
             rows_needed = config.max_num_seqs * (self.max_model_len + config.block_size)
-            num_blocks = config.num_kv_blocks or max(1, min(
-                config.kv_cache_memory // (self.model.kv_bytes_per_row() * config.block_size),
-                -(-rows_needed // config.block_size)))
+            num_blocks = config.num_kv_blocks or max(
+                1,
+                min(
+                    config.kv_cache_memory // (self.model.kv_bytes_per_row() * config.block_size),
+                    -(-rows_needed // config.block_size),
+                ),
+            )
         self.model.allocate_kv(num_blocks * config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.slots = SlotManager(slots, pinned=set(config.pinned))
-        self.store = AdapterStore(config.adapters_dir, self.spec, max_cpu_loras=config.max_cpu_loras,
-                                  max_lora_rank=config.max_lora_rank, allow_pickle=config.allow_pickle,
-                                  dtype=self.dtype)
+        self.store = AdapterStore(
+            config.adapters_dir,
+            self.spec,
+            max_cpu_loras=config.max_cpu_loras,
+            max_lora_rank=config.max_lora_rank,
+            allow_pickle=config.allow_pickle,
+            dtype=self.dtype,
+        )
         self.scheduler = Scheduler(config, self.blocks, self.slots, self._ensure_adapter)
         self.runner = ModelRunner(self.model, self.blocks)
-        policy = SlotPolicy(config.min_loras, config.max_loras, cooldown=config.slot_cooldown_steps,
-                            window=config.resize_window_steps, max_resizes=config.max_resizes)
+        policy = SlotPolicy(
+            config.min_loras,
+            config.max_loras,
+            cooldown=config.slot_cooldown_steps,
+            window=config.resize_window_steps,
+            max_resizes=config.max_resizes,
+        )
         self.resizer = SlotResizer(self, policy if config.dynamic_slots else None, budget)
         self.merger = Merger(self, MergePolicy(config.merge_policy, credit_steps=config.starvation_steps))
         self._pin(config.pinned)
@@ -168,9 +190,13 @@ class Engine:
         if cfg.num_kv_blocks is not None:
             raise ConfigError("give a memory budget or a fixed number of KV blocks, not both")
         elem = torch.finfo(self.dtype).bits // 8
-        return MemoryBudget(total, self.model.weight_bytes(),
-                            working_bytes(self.spec, cfg.max_batched_tokens, cfg.max_num_seqs, elem),
-                            self.model.slot_bytes(), self.model.kv_bytes_per_row() * cfg.block_size)
+        return MemoryBudget(
+            total,
+            self.model.weight_bytes(),
+            working_bytes(self.spec, cfg.max_batched_tokens, cfg.max_num_seqs, elem),
+            self.model.slot_bytes(),
+            self.model.kv_bytes_per_row() * cfg.block_size,
+        )
 
     def _pin(self, names: tuple[str, ...]) -> None:
         """Load the pinned adapters into slots now; they are never evicted."""
@@ -214,8 +240,7 @@ class Engine:
             return f"field 'prompt': {n} tokens; the context is {self.max_model_len}"
         max_tokens = req.params.get("max_tokens")
         if max_tokens is not None and n + max_tokens > self.max_model_len:
-            return (f"field 'max_tokens': {max_tokens} + prompt {n} tokens exceed the context of "
-                    f"{self.max_model_len}")
+            return f"field 'max_tokens': {max_tokens} + prompt {n} tokens exceed the context of {self.max_model_len}"
         return None
 
     def preflight_many(self, reqs: list[Request]) -> list[str | None]:
@@ -223,9 +248,18 @@ class Engine:
 
     def counters(self) -> Counters:
         st, store, slots = self.stats, self.store.stats, self.slots.stats
-        return Counters(st.prompt_tokens, st.steps, st.oom_backoffs, self.scheduler.preemptions,
-                        store.disk_loads, store.disk_bytes, store.cpu_hits, slots.activations, slots.evictions,
-                        dict(st.per_adapter))
+        return Counters(
+            st.prompt_tokens,
+            st.steps,
+            st.oom_backoffs,
+            self.scheduler.preemptions,
+            store.disk_loads,
+            store.disk_bytes,
+            store.cpu_hits,
+            slots.activations,
+            slots.evictions,
+            dict(st.per_adapter),
+        )
 
     def reports(self) -> dict:
         """The slot and merge reports of `--stats` (timelines, swap times, memory split)."""
@@ -281,18 +315,27 @@ class Engine:
             return self._error(req, "bad_request", f"cannot tokenize: {type(e).__name__}: {e}", now)
         params = self._params(req, defaults)
         if len(ids) >= self.max_model_len:
-            return self._error(req, "prompt_too_long",
-                               f"prompt has {len(ids)} tokens; the context is {self.max_model_len}", now)
+            return self._error(
+                req, "prompt_too_long", f"prompt has {len(ids)} tokens; the context is {self.max_model_len}", now
+            )
         room = self.max_model_len - len(ids)
         if params.max_tokens > room:
             if "max_tokens" in req.params:
-                return self._error(req, "max_tokens_too_large",
-                                   f"max_tokens {params.max_tokens} + prompt {len(ids)} tokens exceed "
-                                   f"the context of {self.max_model_len}", now)
+                return self._error(
+                    req,
+                    "max_tokens_too_large",
+                    f"max_tokens {params.max_tokens} + prompt {len(ids)} tokens exceed "
+                    f"the context of {self.max_model_len}",
+                    now,
+                )
             params.max_tokens = room
         if self.blocks.blocks_for(len(ids) + params.max_tokens) > self.blocks.num_blocks:
-            return self._error(req, "too_large_for_cache",
-                               "prompt + max_tokens need more KV cache than allotted (raise --kv-cache-memory)", now)
+            return self._error(
+                req,
+                "too_large_for_cache",
+                "prompt + max_tokens need more KV cache than allotted (raise --kv-cache-memory)",
+                now,
+            )
         seq = Sequence(self._next_seq, req.id, req.adapter, ids, params, payload=req)
         self._next_seq += 1
         seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + seq.seq_id
@@ -302,12 +345,25 @@ class Engine:
         self.scheduler.add(seq)
         return None
 
-    def _error(self, req: Request | None, kind: str, message: str, arrival: float,
-               rid: str | None = None, adapter: str | None = None) -> Result:
+    def _error(
+        self,
+        req: Request | None,
+        kind: str,
+        message: str,
+        arrival: float,
+        rid: str | None = None,
+        adapter: str | None = None,
+    ) -> Result:
         self.stats.requests += 1
         self.stats.failed += 1
-        return Result(req, rid if req is None else req.id, adapter if req is None else req.adapter,
-                      error=(kind, message), arrival=arrival, finished=time.perf_counter())
+        return Result(
+            req,
+            rid if req is None else req.id,
+            adapter if req is None else req.adapter,
+            error=(kind, message),
+            arrival=arrival,
+            finished=time.perf_counter(),
+        )
 
     def next_token_logits(self, adapter: str | None, token_ids: list[int]) -> torch.Tensor:
         """float32 logits [V] after `token_ids` under `adapter`, outside any batch (a verification aid).
@@ -393,7 +449,7 @@ class Engine:
             victims = list(batch.seqs)
         else:
             cfg.max_num_seqs = max(1, len(batch.seqs) // 2)
-            victims = self.scheduler.running[cfg.max_num_seqs:]
+            victims = self.scheduler.running[cfg.max_num_seqs :]
         for seq in reversed(victims):
             self.scheduler.preempt(seq)
         return []
@@ -425,17 +481,32 @@ class Engine:
         st.completion_tokens += seq.num_output
         key = seq.adapter or "<base>"
         st.per_adapter[key] = st.per_adapter.get(key, 0) + 1
-        return Result(seq.payload, seq.request_id, seq.adapter, seq.text, seq.finish_reason, seq.num_prompt,
-                      seq.num_output, token_ids=list(seq.output_ids), arrival=arrival, first_token=first,
-                      finished=time.perf_counter(), wait_steps=seq.admitted_step - seq.arrival_step)
+        return Result(
+            seq.payload,
+            seq.request_id,
+            seq.adapter,
+            seq.text,
+            seq.finish_reason,
+            seq.num_prompt,
+            seq.num_output,
+            token_ids=list(seq.output_ids),
+            arrival=arrival,
+            first_token=first,
+            finished=time.perf_counter(),
+            wait_steps=seq.admitted_step - seq.arrival_step,
+        )
 
     def _fail_seq(self, seq: Sequence, kind: str, message: str) -> Result:
         arrival, _ = self._arrivals.pop(seq.seq_id, (time.perf_counter(), None))
         self.generators.pop(seq.seq_id, None)
         return self._error(seq.payload, kind, message, arrival, seq.request_id, seq.adapter)
 
-    def generate(self, requests: Iterable[Request | InputError], defaults: SamplingParams | None = None,
-                 window: int | None = None) -> Iterator[Result]:
+    def generate(
+        self,
+        requests: Iterable[Request | InputError],
+        defaults: SamplingParams | None = None,
+        window: int | None = None,
+    ) -> Iterator[Result]:
         """Stream results as requests finish; input is pulled lazily, at most `window` waiting."""
         window = window or 4 * self.config.max_num_seqs
         source = iter(requests)

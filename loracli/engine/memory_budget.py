@@ -46,11 +46,16 @@ class MemoryBudget:
             raise ConfigError(
                 f"--memory-budget {format_bytes(self.budget)} is too small: weights {format_bytes(self.weights)}, "
                 f"working buffers {format_bytes(self.working)}, {slots} adapter slots "
-                f"{format_bytes(slots * self.slot_bytes)} and {min_blocks} KV blocks need {format_bytes(need)}")
+                f"{format_bytes(slots * self.slot_bytes)} and {min_blocks} KV blocks need {format_bytes(need)}"
+            )
 
     def split(self, slots: int, kv_blocks: int) -> dict:
-        return {"weights": self.weights, "working": self.working, "slots": slots * self.slot_bytes,
-                "kv": kv_blocks * self.block_bytes}
+        return {
+            "weights": self.weights,
+            "working": self.working,
+            "slots": slots * self.slot_bytes,
+            "kv": kv_blocks * self.block_bytes,
+        }
 
 
 def working_bytes(spec, max_batched_tokens: int, max_num_seqs: int, elem: int) -> int:

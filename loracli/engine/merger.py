@@ -115,7 +115,13 @@ class Merger:
             merged += time.perf_counter() - self._merged_at
         p50 = percentile([1e3 * s for s in self.switch_seconds], 50)
         p = self.policy
-        return {"policy": p.mode, "state": p.state, "adapter": p.adapter, "timeline": self.timeline,
-                "merges": sum(1 for t in self.timeline if t["action"] == "merge"),
-                "merged_seconds": round(merged, 3), "switch_ms_p50": None if p50 is None else round(p50, 3),
-                "merge_share": round(p.merge_share, 3)}
+        return {
+            "policy": p.mode,
+            "state": p.state,
+            "adapter": p.adapter,
+            "timeline": self.timeline,
+            "merges": sum(1 for t in self.timeline if t["action"] == "merge"),
+            "merged_seconds": round(merged, 3),
+            "switch_ms_p50": None if p50 is None else round(p50, 3),
+            "merge_share": round(p.merge_share, 3),
+        }

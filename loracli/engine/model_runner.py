@@ -66,7 +66,7 @@ class ModelRunner:
                 slots.extend([self.slot_of(seq)] * n)
                 lens.append(n)
             attn = AttnMeta(True, self._tensor(rows), lens)
-            last = self._tensor([sum(lens[:i + 1]) - 1 for i in range(len(lens))])
+            last = self._tensor([sum(lens[: i + 1]) - 1 for i in range(len(lens))])
         else:
             ids = [seq.token_ids[-1] for seq in seqs]
             pos = [len(seq) - 1 for seq in seqs]
@@ -86,7 +86,7 @@ class ModelRunner:
         width = -(-max_len // bs)
         table = torch.zeros(len(seqs), width, dtype=torch.int64)
         for i, seq in enumerate(seqs):
-            table[i, :len(seq.block_table)] = torch.tensor(seq.block_table[:width])
+            table[i, : len(seq.block_table)] = torch.tensor(seq.block_table[:width])
         offs = torch.arange(max_len)
         gather = table[:, offs // bs] * bs + offs % bs  # [B, L]
         lens = torch.tensor([len(s) for s in seqs])
@@ -95,5 +95,6 @@ class ModelRunner:
         if window is not None:
             mask &= offs[None, :] >= (lens[:, None] - window)
         gather = torch.where(mask, gather, self.model.zero_row)  # masked positions read the zero row
-        return AttnMeta(False, self._tensor(rows), [1] * len(seqs), gather.to(self.device),
-                        mask[:, None, None, :].to(self.device))
+        return AttnMeta(
+            False, self._tensor(rows), [1] * len(seqs), gather.to(self.device), mask[:, None, None, :].to(self.device)
+        )

@@ -24,8 +24,12 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(0, idx, sorted_logits)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], generators: dict[int, torch.Generator],
-           greedy: torch.Tensor | None = None) -> list[int]:
+def sample(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    generators: dict[int, torch.Generator],
+    greedy: torch.Tensor | None = None,
+) -> list[int]:
     """logits [B, V] float32 (row i for seqs[i]) -> next token id per sequence.
 
     `greedy` [B] is `logits.argmax(-1)` when the caller has it already (from its finiteness check).

@@ -41,8 +41,13 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, blocks: BlockManager, slots: SlotManager,
-                 ensure_adapter: Callable[[str], str | None]):
+    def __init__(
+        self,
+        config: EngineConfig,
+        blocks: BlockManager,
+        slots: SlotManager,
+        ensure_adapter: Callable[[str], str | None],
+    ):
         self.config = config
         self.blocks = blocks
         self.slots = slots

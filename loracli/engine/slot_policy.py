@@ -70,7 +70,7 @@ class SlotPolicy:
         while self.history and self.history[0] <= step - self.window:
             self.history.popleft()
         if len(self.history) >= self.max_resizes:
-            self.frozen = (f"{len(self.history)} resizes within {self.window} steps: slot count frozen at {slots}")
+            self.frozen = f"{len(self.history)} resizes within {self.window} steps: slot count frozen at {slots}"
             return None
         self.history.append(step)
         self.below_since = None

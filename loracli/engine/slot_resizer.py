@@ -67,8 +67,13 @@ class SlotResizer:
     def kv_view(self) -> KvView:
         e = self.engine
         per_slot = self.budget.blocks_per_slot if self.budget else 0
-        return KvView(total=e.blocks.num_blocks, free=e.blocks.num_free, blocks_per_slot=per_slot,
-                      blocked=e.scheduler.kv_blocked, traded=self.budget is not None)
+        return KvView(
+            total=e.blocks.num_blocks,
+            free=e.blocks.num_free,
+            blocks_per_slot=per_slot,
+            blocked=e.scheduler.kv_blocked,
+            traded=self.budget is not None,
+        )
 
     def between_steps(self, step: int) -> None:
         if self.policy is None:
@@ -117,8 +122,16 @@ class SlotResizer:
         if e.config.verify_slots:
             self.verify()
         seconds = time.perf_counter() - t0
-        self.timeline.resizes.append({"step": step, "from": before, "to": n_slots, "reason": reason,
-                                      "evicted": move.evicted, "seconds": round(seconds, 6)})
+        self.timeline.resizes.append(
+            {
+                "step": step,
+                "from": before,
+                "to": n_slots,
+                "reason": reason,
+                "evicted": move.evicted,
+                "seconds": round(seconds, 6),
+            }
+        )
         self._sample(step)
         log.info("adapter slots %d -> %d at step %d: %s", before, n_slots, step, reason)
 
@@ -134,32 +147,48 @@ class SlotResizer:
                     r = 0 if ab is None else ab[0].shape[0]
                     ok = lin.ranks[j][slot] == r and not lin.A[j][slot, r:].any() and not lin.B[j][slot, :, r:].any()
                     if ok and r:
-                        ok = torch.equal(lin.A[j][slot, :r], ab[0].to(lin.A[j].dtype)) and \
-                            torch.equal(lin.B[j][slot, :, :r], ab[1].to(lin.B[j].dtype))
+                        ok = torch.equal(lin.A[j][slot, :r], ab[0].to(lin.A[j].dtype)) and torch.equal(
+                            lin.B[j][slot, :, :r], ab[1].to(lin.B[j].dtype)
+                        )
                     if not ok:
-                        raise RuntimeError(f"--verify-slots: adapter {name!r} in slot {slot}, layer {layer} "
-                                           f"{module}: the slot does not hold its weights")
+                        raise RuntimeError(
+                            f"--verify-slots: adapter {name!r} in slot {slot}, layer {layer} "
+                            f"{module}: the slot does not hold its weights"
+                        )
 
     # --- reporting ---------------------------------------------------------------------------------
 
     def _sample(self, step: int) -> None:
         e = self.engine
-        self.timeline.memory.append({"step": step, "slots": e.slots.n_slots, "kv_blocks": e.blocks.num_blocks,
-                                     "slot_bytes": e.slots.n_slots * e.model.slot_bytes(),
-                                     "kv_bytes": e.model.kv_bytes()})
+        self.timeline.memory.append(
+            {
+                "step": step,
+                "slots": e.slots.n_slots,
+                "kv_blocks": e.blocks.num_blocks,
+                "slot_bytes": e.slots.n_slots * e.model.slot_bytes(),
+                "kv_bytes": e.model.kv_bytes(),
+            }
+        )
 
     def report(self) -> dict:
         e, tl = self.engine, self.timeline
         writes_ms = [1e3 * s for s in tl.write_seconds]
         p50, p99 = percentile(writes_ms, 50), percentile(writes_ms, 99)
         return {
-            "slots": e.slots.n_slots, "min_loras": e.config.min_loras, "max_loras": e.config.max_loras,
-            "dynamic": bool(self.policy), "frozen": self.policy.frozen if self.policy else None,
+            "slots": e.slots.n_slots,
+            "min_loras": e.config.min_loras,
+            "max_loras": e.config.max_loras,
+            "dynamic": bool(self.policy),
+            "frozen": self.policy.frozen if self.policy else None,
             "memory_budget": self.budget.budget if self.budget else None,
-            "timeline": tl.resizes, "memory": tl.memory,
-            "disk_loads": e.store.stats.disk_loads, "cpu_hits": e.store.stats.cpu_hits,
-            "cpu_evictions": e.store.stats.cpu_evictions, "slot_activations": e.slots.stats.activations,
-            "slot_hits": e.slots.stats.hits, "slot_evictions": e.slots.stats.evictions,
+            "timeline": tl.resizes,
+            "memory": tl.memory,
+            "disk_loads": e.store.stats.disk_loads,
+            "cpu_hits": e.store.stats.cpu_hits,
+            "cpu_evictions": e.store.stats.cpu_evictions,
+            "slot_activations": e.slots.stats.activations,
+            "slot_hits": e.slots.stats.hits,
+            "slot_evictions": e.slots.stats.evictions,
             "swap_ms_p50": None if p50 is None else round(p50, 3),
             "swap_ms_p99": None if p99 is None else round(p99, 3),
             "swap_ms_mean": round(statistics.fmean(writes_ms), 3) if writes_ms else None,

@@ -96,8 +96,9 @@ class SlotManager:
         if len(busy) > n_slots:
             raise RuntimeError(f"cannot shrink to {n_slots} slots: {len(busy)} are in use")
         resident = [s for s in range(self.n_slots) if self.adapter_of[s] is not None]
-        rank = sorted(resident, key=lambda s: (self.users[s] == 0, self.adapter_of[s] not in self.pinned,
-                                               -self.last_used[s]))
+        rank = sorted(
+            resident, key=lambda s: (self.users[s] == 0, self.adapter_of[s] not in self.pinned, -self.last_used[s])
+        )
         keep = sorted(rank[:n_slots])
         evicted = [self.adapter_of[s] for s in rank[n_slots:]]
         old = (self.adapter_of, self.users, self.last_used)

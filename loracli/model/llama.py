@@ -68,17 +68,37 @@ class Layer:
             qkv_b = torch.cat([w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"], w["self_attn.v_proj.bias"]])
         self.qkv = MultiLoraLinear(
             torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]]),
-            qkv_b, [q, kv, kv], ["q_proj", "k_proj", "v_proj"], h, n_slots, max_rank)
-        self.o = MultiLoraLinear(w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"),
-                                 [h], ["o_proj"], q, n_slots, max_rank)
+            qkv_b,
+            [q, kv, kv],
+            ["q_proj", "k_proj", "v_proj"],
+            h,
+            n_slots,
+            max_rank,
+        )
+        self.o = MultiLoraLinear(
+            w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), [h], ["o_proj"], q, n_slots, max_rank
+        )
         gu_b = None
         if spec.mlp_bias:
             gu_b = torch.cat([w["mlp.gate_proj.bias"], w["mlp.up_proj.bias"]])
         self.gate_up = MultiLoraLinear(
-            torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), gu_b,
-            [spec.intermediate, spec.intermediate], ["gate_proj", "up_proj"], h, n_slots, max_rank)
-        self.down = MultiLoraLinear(w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"),
-                                    [h], ["down_proj"], spec.intermediate, n_slots, max_rank)
+            torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]),
+            gu_b,
+            [spec.intermediate, spec.intermediate],
+            ["gate_proj", "up_proj"],
+            h,
+            n_slots,
+            max_rank,
+        )
+        self.down = MultiLoraLinear(
+            w["mlp.down_proj.weight"],
+            w.get("mlp.down_proj.bias"),
+            [h],
+            ["down_proj"],
+            spec.intermediate,
+            n_slots,
+            max_rank,
+        )
 
     def linears(self) -> list[MultiLoraLinear]:
         return [self.qkv, self.o, self.gate_up, self.down]
@@ -87,8 +107,18 @@ class Layer:
 class CausalLM:
     """Weights, KV cache and forward pass. Plain tensors; no autograd."""
 
-    def __init__(self, config, spec: ModelSpec, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
-                 device: torch.device, n_slots: int, max_rank: int, max_len: int):
+    def __init__(
+        self,
+        config,
+        spec: ModelSpec,
+        state: dict[str, torch.Tensor],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        n_slots: int,
+        max_rank: int,
+        max_len: int,
+    ):
         self.spec, self.dtype, self.device = spec, dtype, device
 
         def take(name: str) -> torch.Tensor:
@@ -98,12 +128,12 @@ class CausalLM:
         self.layers = []
         for i in range(spec.num_layers):
             prefix = f"model.layers.{i}."
-            w = {k[len(prefix):]: take(k) for k in [k for k in state if k.startswith(prefix)]}
+            w = {k[len(prefix) :]: take(k) for k in [k for k in state if k.startswith(prefix)]}
             self.layers.append(Layer(spec, w, n_slots, max_rank))
         self.norm = take("model.norm.weight")
         self.lm_head = self.embed if spec.tie_embeddings or "lm_head.weight" not in state else take("lm_head.weight")
         self.cos, self.sin = rotary_tables(config, spec, max_len, dtype, device)
-        self.scale = spec.head_dim ** -0.5
+        self.scale = spec.head_dim**-0.5
         self.kv: list[torch.Tensor] = []
 
     def allocate_kv(self, num_rows: int) -> None:
@@ -116,8 +146,10 @@ class CausalLM:
         """
         s = self.spec
         self.kv = []  # release the old cache before allocating the new one
-        self.kv = [torch.empty(2, num_rows + 1, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device)
-                   for _ in range(s.num_layers)]
+        self.kv = [
+            torch.empty(2, num_rows + 1, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device)
+            for _ in range(s.num_layers)
+        ]
         for kv in self.kv:
             kv[:, num_rows].zero_()
         self.zero_row = num_rows
@@ -131,8 +163,9 @@ class CausalLM:
         s = self.spec
 
         def rows(ids) -> torch.Tensor:
-            return torch.tensor([b * block_size + i for b in ids for i in range(block_size)], dtype=torch.int64,
-                                device=self.device)
+            return torch.tensor(
+                [b * block_size + i for b in ids for i in range(block_size)], dtype=torch.int64, device=self.device
+            )
 
         src, dst = rows(blocks), rows(blocks.values())
         for layer in range(s.num_layers):
@@ -174,8 +207,9 @@ class CausalLM:
         return [(i, lin) for i, layer in enumerate(self.layers) for lin in layer.linears()]
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnMeta,
-                lora: LoraMeta | None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnMeta, lora: LoraMeta | None
+    ) -> torch.Tensor:
         s = self.spec
         x = self.embed[input_ids]  # [T, H]
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
@@ -184,15 +218,15 @@ class CausalLM:
             qkv = layer.qkv(h, lora)  # [T, (Hq + 2 Hkv) D]
             q_n, kv_n = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
             q = apply_rope(qkv[:, :q_n].view(-1, s.num_heads, s.head_dim), cos, sin)
-            k = apply_rope(qkv[:, q_n:q_n + kv_n].view(-1, s.num_kv_heads, s.head_dim), cos, sin)
-            v = qkv[:, q_n + kv_n:].view(-1, s.num_kv_heads, s.head_dim)
+            k = apply_rope(qkv[:, q_n : q_n + kv_n].view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+            v = qkv[:, q_n + kv_n :].view(-1, s.num_kv_heads, s.head_dim)
             kv[0].index_copy_(0, attn.slot_mapping, k)
             kv[1].index_copy_(0, attn.slot_mapping, v)
             a = self._prefill_attention(q, k, v, attn) if attn.is_prefill else self._decode_attention(q, kv, attn)
             x = x + layer.o(a, lora)
             h = rms_norm(x, layer.post_norm, s.rms_eps)
             gu = layer.gate_up(h, lora)  # [T, 2I]
-            x = x + layer.down(F.silu(gu[:, :s.intermediate]) * gu[:, s.intermediate:], lora)
+            x = x + layer.down(F.silu(gu[:, : s.intermediate]) * gu[:, s.intermediate :], lora)
         return rms_norm(x, self.norm, s.rms_eps)
 
     @torch.inference_mode()
@@ -203,7 +237,7 @@ class CausalLM:
         """Causal attention within each sequence: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq*D]."""
         outs, start, window = [], 0, self.spec.sliding_window
         for n in attn.seq_lens:
-            qs, ks, vs = (t[start:start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            qs, ks, vs = (t[start : start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
             if window is not None and n > window:
                 i = torch.arange(n, device=q.device)
                 mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
@@ -218,6 +252,7 @@ class CausalLM:
         """One query per sequence over its cached keys: q [B, Hq, D] -> [B, Hq*D]."""
         keys = kv[0][attn.gather_index].transpose(1, 2)  # [B, Hkv, L, D]
         vals = kv[1][attn.gather_index].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=attn.key_mask,
-                                           scale=self.scale, enable_gqa=True)  # [B, Hq, 1, D]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, vals, attn_mask=attn.key_mask, scale=self.scale, enable_gqa=True
+        )  # [B, Hq, 1, D]
         return o.reshape(q.shape[0], -1)

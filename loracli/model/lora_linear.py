@@ -23,8 +23,16 @@ from ..kernels import LoraMeta, lora_expand, lora_shrink
 
 
 class MultiLoraLinear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, splits: list[int], names: list[str],
-                 in_features: int, n_slots: int, max_rank: int):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        splits: list[int],
+        names: list[str],
+        in_features: int,
+        n_slots: int,
+        max_rank: int,
+    ):
         self.weight = weight  # [N, in]
         self.bias = bias  # [N] or None
         self.splits = splits
@@ -74,7 +82,7 @@ class MultiLoraLinear:
         for j, (off, n) in enumerate(zip(self.offsets, self.splits, strict=True)):
             r = self.ranks[j][slot]
             if r:
-                merged[off:off + n] += self.B[j][slot, :, :r].float() @ self.A[j][slot, :r].float()
+                merged[off : off + n] += self.B[j][slot, :, :r].float() @ self.A[j][slot, :r].float()
         self.weight.copy_(merged)
         return True
 
