@@ -25,7 +25,6 @@ class StoreStats:
     disk_loads: int = 0
     cpu_hits: int = 0
     cpu_evictions: int = 0
-    failures: int = 0
     disk_bytes: int = 0  # bytes of adapter files read by disk loads
     load_seconds: list[float] = field(default_factory=list)
 
@@ -48,7 +47,7 @@ class AdapterStore:
     ):
         self.folder = Path(folder) if folder is not None else None
         if self.folder is not None and not self.folder.is_dir():
-            raise ConfigError(f"--adapters: {self.folder} is not a folder")
+            raise ConfigError(f"adapters_dir: {self.folder} is not a folder", fields=("adapters_dir",))
         self.spec = spec
         self.max_cpu_loras = max_cpu_loras
         self.max_lora_rank = max_lora_rank
@@ -86,7 +85,6 @@ class AdapterStore:
             )
         except AdapterError as e:
             self.failed[name] = e.reason if e.path == str(self.folder / name) else str(e)
-            self.stats.failures += 1
             raise
         self.stats.load_seconds.append(time.perf_counter() - t0)
         self.stats.disk_loads += 1

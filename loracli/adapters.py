@@ -9,7 +9,14 @@ matrix with the scale folded in, `scale * B` `[out, r]`, where scale = alpha / r
 alpha / sqrt(r) with rsLoRA, r and alpha taken per module (rank_pattern / alpha_pattern, as
 PEFT resolves them). Unsupported features (DoRA, LoRA bias, embedding / lm_head targets,
 modules_to_save) and incompatibilities (unknown module, shape mismatch, rank above
-`max_lora_rank`) raise `AdapterError` naming the file, one line.
+`max_lora_rank`) raise `AdapterError` naming the file, one line. Messages name configuration
+fields, never flags (`max_lora_rank`, `allow_pickle`: `MESSAGE_FIELDS`), and list them in the
+error's `fields` (`fields_named`); `spell_fields` rewrites them for a reader, e.g. into flags.
+
+PEFT tensor names are paired here for every reader: `parse_lora_key` reads one name,
+`group_lora_keys` gathers the A and B halves of each (layer, module), `lora_pairs` keeps the
+well-formed pairs (`is_lora_pair`). torch is imported when a function needs it, so importing this
+module (and `inspect-adapter`) stays light.
 """
 
 from __future__ import annotations
@@ -17,18 +24,25 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from .errors import AdapterError
 from .model.spec import TARGET_MODULES, ModelSpec
 
+if TYPE_CHECKING:
+    import torch
+
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head")  # modules PEFT can adapt and loracli refuses
+MESSAGE_FIELDS = ("max_lora_rank", "allow_pickle")  # the configuration fields adapter messages name
+_FIELD_NAMES = {f: re.compile(rf"(?<![\w.-]){f}(?![\w-])") for f in MESSAGE_FIELDS}  # whole words only
 
 _KEY = re.compile(
     r"(?:^|\.)layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<module>\w+?)"
@@ -76,7 +90,7 @@ class AdapterConfig:
             out.append(f"bias={self.bias!r} is not supported (only 'none')")
         if self.modules_to_save:
             out.append(f"modules_to_save {self.modules_to_save} is not supported")
-        bad = [t for t in self.target_modules if t in ("embed_tokens", "lm_head")]
+        bad = [t for t in self.target_modules if t in UNSUPPORTED_TARGETS]
         if bad:
             out.append(f"target modules {bad} (embedding / lm_head) are not supported")
         return out
@@ -113,6 +127,43 @@ def parse_lora_key(key: str) -> tuple[int, str, str] | None:
     if m is None:
         return None
     return int(m["layer"]), m["module"], m["ab"]
+
+
+def group_lora_keys(keys: Iterable[str]) -> dict[tuple[int, str], dict[str, str]]:
+    """(layer, module) -> {"A": key, "B": key} over the LoRA keys (a half may be missing); other keys are left out."""
+    groups: dict[tuple[int, str], dict[str, str]] = {}
+    for key in keys:
+        parsed = parse_lora_key(key)
+        if parsed is not None:
+            groups.setdefault(parsed[:2], {})[parsed[2]] = key
+    return groups
+
+
+def is_lora_pair(a_shape: Sequence[int], b_shape: Sequence[int]) -> bool:
+    """Whether the shapes form a LoRA pair: A `[r, in]`, B `[out, r]`."""
+    return len(a_shape) == 2 and len(b_shape) == 2 and a_shape[0] == b_shape[1]
+
+
+def lora_pairs(shapes: Mapping[str, Sequence[int]]) -> dict[tuple[int, str], tuple[str, str]]:
+    """(layer, module) -> (key of A, key of B) of the well-formed pairs of `{key: shape}`, in order."""
+    pairs = {}
+    for where, ab in sorted(group_lora_keys(shapes).items()):
+        if set(ab) == {"A", "B"} and is_lora_pair(shapes[ab["A"]], shapes[ab["B"]]):
+            pairs[where] = (ab["A"], ab["B"])
+    return pairs
+
+
+def fields_named(message: str) -> tuple[str, ...]:
+    """The configuration fields of `MESSAGE_FIELDS` that a message names (as whole words)."""
+    return tuple(f for f, pattern in _FIELD_NAMES.items() if pattern.search(message))
+
+
+def spell_fields(message: str, flags: Mapping[str, str]) -> str:
+    """`message` with each field of `MESSAGE_FIELDS` it names spelled as `flags` says (if it says)."""
+    for f, pattern in _FIELD_NAMES.items():
+        if f in flags:
+            message = pattern.sub(lambda _, spelled=flags[f]: spelled, message)
+    return message
 
 
 def read_adapter_config(folder: Path | str) -> AdapterConfig:
@@ -162,13 +213,16 @@ def weights_file(folder: Path, allow_pickle: bool) -> Path:
     pk = folder / PICKLE_NAME
     if pk.is_file():
         if not allow_pickle:
-            raise AdapterError(str(pk), "pickle weights are refused (untrusted code); pass --allow-pickle to read them")
+            refused = "pickle weights are refused (untrusted code); set allow_pickle to read them"
+            raise AdapterError(str(pk), refused, fields=("allow_pickle",))
         return pk
     raise AdapterError(str(st), "missing (no adapter weights in the folder)")
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of an adapter weights file (safetensors, or a pickle the caller allowed)."""
+    import torch
+
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
@@ -181,51 +235,65 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def check_tensors(
     cfg: AdapterConfig, tensors: dict[str, tuple[int, ...]], spec: ModelSpec | None, max_lora_rank: int | None
 ) -> list[str]:
-    """Problems of an adapter's tensors (`{key: shape}`) against a model; [] when compatible."""
+    """Problems of an adapter's tensors (`{key: shape}`) against a model; [] when compatible.
+
+    With `spec` None only what no supported model accepts is reported (no layer or shape checks).
+    """
     problems = list(cfg.unsupported())
-    pairs: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
-    for key, shape in tensors.items():
-        parsed = parse_lora_key(key)
-        if parsed is None:
-            if "lora_magnitude_vector" in key:
-                problems.append(f"tensor {key}: DoRA magnitude vectors are not supported")
-            elif "lora_embedding" in key or "embed_tokens" in key or "lm_head" in key:
-                problems.append(f"tensor {key}: embedding / lm_head LoRA is not supported")
-            elif key.endswith(".bias"):
-                problems.append(f"tensor {key}: LoRA bias is not supported")
-            else:
-                problems.append(f"tensor {key}: not a LoRA A/B weight of a decoder layer")
-            continue
-        layer, module, ab = parsed
-        pairs.setdefault((layer, module), {})[ab] = tuple(shape)
-    if not pairs and not problems:
+    problems += [p for p in map(_key_problem, tensors) if p is not None]
+    groups = group_lora_keys(tensors)
+    if not groups and not problems:
         problems.append("no LoRA weights in the file")
-    for (layer, module), ab in sorted(pairs.items()):
-        where = f"layer {layer} {module}"
-        if set(ab) != {"A", "B"}:
-            problems.append(f"{where}: lora_{'B' if 'A' in ab else 'A'} weight missing")
-            continue
-        a, b = ab["A"], ab["B"]
-        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-            problems.append(f"{where}: A {list(a)} and B {list(b)} do not form a LoRA pair")
-            continue
-        if max_lora_rank is not None and a[0] > max_lora_rank:
-            problems.append(f"{where}: rank {a[0]} exceeds --max-lora-rank {max_lora_rank}")
-        if spec is None:
-            continue
-        if module not in TARGET_MODULES:
-            problems.append(f"{where}: module {module!r} is not a supported target ({', '.join(TARGET_MODULES)})")
-            continue
-        if layer >= spec.num_layers:
-            problems.append(f"{where}: the model has only {spec.num_layers} layers")
-            continue
-        fan_in, fan_out = spec.module_shape(module)
-        if a[1] != fan_in or b[0] != fan_out:
-            problems.append(
-                f"{where}: shape A {list(a)}, B {list(b)} does not match the model "
-                f"(expected A [r, {fan_in}], B [{fan_out}, r])"
-            )
+    for (layer, module), ab in sorted(groups.items()):
+        shapes = {half: tuple(tensors[key]) for half, key in ab.items()}
+        problems += _pair_problems(layer, module, shapes, spec, max_lora_rank)
     return problems
+
+
+def _key_problem(key: str) -> str | None:
+    """Why a tensor that is not a LoRA A/B weight of a decoder layer is refused; None for those weights."""
+    if parse_lora_key(key) is not None:
+        return None
+    if "lora_magnitude_vector" in key:
+        return f"tensor {key}: DoRA magnitude vectors are not supported"
+    if "lora_embedding" in key or any(t in key for t in UNSUPPORTED_TARGETS):
+        return f"tensor {key}: embedding / lm_head LoRA is not supported"
+    if key.endswith(".bias"):
+        return f"tensor {key}: LoRA bias is not supported"
+    return f"tensor {key}: not a LoRA A/B weight of a decoder layer"
+
+
+def _pair_problems(
+    layer: int, module: str, ab: dict[str, tuple[int, ...]], spec: ModelSpec | None, max_lora_rank: int | None
+) -> list[str]:
+    """Problems of the A and B shapes found for one (layer, module)."""
+    where = f"layer {layer} {module}"
+    if set(ab) != {"A", "B"}:
+        return [f"{where}: lora_{'B' if 'A' in ab else 'A'} weight missing"]
+    a, b = ab["A"], ab["B"]
+    if not is_lora_pair(a, b):
+        return [f"{where}: A {list(a)} and B {list(b)} do not form a LoRA pair"]
+    problems = []
+    if max_lora_rank is not None and a[0] > max_lora_rank:
+        problems.append(f"{where}: rank {a[0]} exceeds max_lora_rank {max_lora_rank}")
+    mismatch = _model_mismatch(layer, module, a, b, spec)
+    return problems + ([f"{where}: {mismatch}"] if mismatch else [])
+
+
+def _model_mismatch(
+    layer: int, module: str, a: tuple[int, ...], b: tuple[int, ...], spec: ModelSpec | None
+) -> str | None:
+    """Why a well-formed pair does not fit the model (with `spec` None: any supported model)."""
+    if module not in TARGET_MODULES:
+        return f"module {module!r} is not a supported target ({', '.join(TARGET_MODULES)})"
+    if spec is None:
+        return None
+    if layer >= spec.num_layers:
+        return f"the model has only {spec.num_layers} layers"
+    fan_in, fan_out = spec.module_shape(module)
+    if a[1] != fan_in or b[0] != fan_out:
+        return f"shape A {list(a)}, B {list(b)} does not match the model (expected A [r, {fan_in}], B [{fan_out}, r])"
+    return None
 
 
 def load_adapter(
@@ -234,26 +302,32 @@ def load_adapter(
     *,
     max_lora_rank: int | None = None,
     allow_pickle: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> LoraWeights:
-    """Read, validate and scale one adapter; raises `AdapterError` (one line) on any problem."""
+    """Read, validate and scale one adapter into `dtype` (None: float32); raises `AdapterError` (one line)."""
+    import torch
+
     folder = Path(folder)
     cfg = read_adapter_config(folder)
-    path = weights_file(folder, allow_pickle)
-    tensors = read_tensors(path)
-    problems = check_tensors(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, spec, max_lora_rank)
+    tensors = read_tensors(weights_file(folder, allow_pickle))
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    problems = check_tensors(cfg, shapes, spec, max_lora_rank)
     if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise AdapterError(str(folder), problems[0] + more)
-    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        layer, module, ab = parse_lora_key(key)
-        halves.setdefault((layer, module), {})[ab] = t
-    modules = {}
-    for (layer, module), ab in halves.items():
-        a = ab["A"].to(torch.float32)
-        b = ab["B"].to(torch.float32)
-        path_name = ModelSpec.module_path(layer, module)
-        scale = cfg.scale(a.shape[0], cfg.module_alpha(path_name))
-        modules[(layer, module)] = (a.to(dtype).contiguous(), (b * scale).to(dtype).contiguous())
+        message = problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+        raise AdapterError(str(folder), message, fields=fields_named(message))
+    dtype = torch.float32 if dtype is None else dtype
+    pairs = lora_pairs(shapes)
+    modules = {where: _scaled_pair(cfg, where, tensors[ka], tensors[kb], dtype) for where, (ka, kb) in pairs.items()}
     return LoraWeights(folder.name, folder, cfg, modules)
+
+
+def _scaled_pair(
+    cfg: AdapterConfig, where: tuple[int, str], a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, scale * B) in `dtype`, scaled in float32 with the module's own rank and alpha."""
+    import torch
+
+    a = a.to(torch.float32)
+    b = b.to(torch.float32)
+    scale = cfg.scale(a.shape[0], cfg.module_alpha(ModelSpec.module_path(*where)))
+    return a.to(dtype).contiguous(), (b * scale).to(dtype).contiguous()

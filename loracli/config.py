@@ -1,7 +1,10 @@
 """Engine configuration: one dataclass, validated in `__post_init__` with typed errors.
 
-Invalid values raise `ConfigError` with a one-line message naming the option, as the CLI
-spells it. Nothing here touches tensors or files.
+Invalid values raise `ConfigError` with a one-line message naming the field (`max_loras`) and
+listing it in `ConfigError.fields`; only the CLI turns field names into flags. The config is
+frozen once validated: defaults derived in `__post_init__` are filled in then, and live limits
+(those the engine lowers after running out of memory) belong to the scheduler. Nothing here
+touches tensors or files.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ MERGE_POLICIES = ("auto", "never", "always-single")
 
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}", fields=(name,))
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs besides the requests themselves.
 
@@ -59,9 +62,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}", fields=("dtype",))
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
-            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}", fields=("device",))
         for name in (
             "max_loras",
             "max_lora_rank",
@@ -71,44 +74,66 @@ class EngineConfig:
             "kv_cache_memory",
             "starvation_steps",
         ):
-            _positive(name.replace("_", "-"), getattr(self, name))
+            _positive(name, getattr(self, name))
         r = self.max_lora_rank
         if r > MAX_LORA_RANK_LIMIT or r & (r - 1):
-            raise ConfigError(f"--max-lora-rank must be a power of two from 1 to {MAX_LORA_RANK_LIMIT}, got {r}")
+            raise ConfigError(
+                f"max_lora_rank must be a power of two from 1 to {MAX_LORA_RANK_LIMIT}, got {r}",
+                fields=("max_lora_rank",),
+            )
         if self.max_cpu_loras is None:
-            self.max_cpu_loras = max(32, self.max_loras)
-        _positive("max-cpu-loras", self.max_cpu_loras)
+            self._derive("max_cpu_loras", max(32, self.max_loras))
+        _positive("max_cpu_loras", self.max_cpu_loras)
         if self.max_cpu_loras < self.max_loras:
-            raise ConfigError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
+            raise ConfigError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})",
+                fields=("max_cpu_loras", "max_loras"),
+            )
         if self.max_model_len is not None:
-            _positive("max-model-len", self.max_model_len)
+            _positive("max_model_len", self.max_model_len)
         if self.num_kv_blocks is not None:
-            _positive("num-kv-blocks", self.num_kv_blocks)
+            _positive("num_kv_blocks", self.num_kv_blocks)
         self._check_slots()
         if self.merge_policy not in MERGE_POLICIES:
-            raise ConfigError(f"--merge-policy must be one of {', '.join(MERGE_POLICIES)}, got {self.merge_policy!r}")
+            raise ConfigError(
+                f"merge_policy must be one of {', '.join(MERGE_POLICIES)}, got {self.merge_policy!r}",
+                fields=("merge_policy",),
+            )
+
+    def _derive(self, name: str, value) -> None:
+        """Fill in a default that depends on other fields (during validation only: the config is frozen)."""
+        object.__setattr__(self, name, value)
 
     def _check_slots(self) -> None:
         if self.min_loras is None:
-            self.min_loras = self.max_loras
-        _positive("min-loras", self.min_loras)
+            self._derive("min_loras", self.max_loras)
+        _positive("min_loras", self.min_loras)
         if self.min_loras > self.max_loras:
-            raise ConfigError(f"--min-loras ({self.min_loras}) must be <= --max-loras ({self.max_loras})")
+            raise ConfigError(
+                f"min_loras ({self.min_loras}) must be <= max_loras ({self.max_loras})",
+                fields=("min_loras", "max_loras"),
+            )
         if self.dynamic_slots is None:
-            self.dynamic_slots = self.min_loras < self.max_loras
+            self._derive("dynamic_slots", self.min_loras < self.max_loras)
         for name in ("slot_cooldown_steps", "resize_window_steps", "max_resizes"):
-            _positive(name.replace("_", "-"), getattr(self, name))
-        self.pinned = tuple(dict.fromkeys(p for p in self.pinned if p))
+            _positive(name, getattr(self, name))
+        self._derive("pinned", tuple(dict.fromkeys(p for p in self.pinned if p)))
         if len(self.pinned) > self.min_loras:
             raise ConfigError(
-                f"--pin names {len(self.pinned)} adapters but --min-loras is {self.min_loras}: "
-                "pinned adapters must fit in the smallest slot count"
+                f"pinned names {len(self.pinned)} adapters but min_loras is {self.min_loras}: "
+                "pinned adapters must fit in the smallest slot count",
+                fields=("pinned", "min_loras"),
             )
         if self.memory_budget is not None:
-            _positive("memory-budget", self.memory_budget)
+            _positive("memory_budget", self.memory_budget)
         u = self.gpu_memory_utilization
         if u is not None:
             if not (isinstance(u, float | int) and 0 < u <= 1):
-                raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {u!r}")
+                raise ConfigError(
+                    f"gpu_memory_utilization must be in (0, 1], got {u!r}", fields=("gpu_memory_utilization",)
+                )
             if self.memory_budget is not None:
-                raise ConfigError("give --memory-budget or --gpu-memory-utilization, not both")
+                raise ConfigError(
+                    "give memory_budget or gpu_memory_utilization, not both",
+                    fields=("memory_budget", "gpu_memory_utilization"),
+                )

@@ -1,16 +1,23 @@
 """Typed errors. Every user-facing failure is a `LoracliError` whose `str()` is one clear line.
 
-The CLI's single error handler prints that line to stderr and exits with `exit_code`
-(2 for usage/config problems); tracebacks only with `LORACLI_DEBUG=1`.
+Library errors speak in the names of configuration fields (`max_loras`, `allow_pickle`), never in
+command-line flags: an error lists the fields its message names in `fields`, and the CLI (the
+only layer that knows flags, `cli/flags.py`) rewrites exactly those names into its flags. The
+CLI's single error handler prints that line to stderr and exits with `exit_code` (2 for
+usage/config problems); tracebacks only with `LORACLI_DEBUG=1`.
 """
 
 from __future__ import annotations
 
 
 class LoracliError(Exception):
-    """Base class: a one-line, user-facing error."""
+    """Base class: a one-line, user-facing error. `fields`: the config fields its message names."""
 
     exit_code = 2
+
+    def __init__(self, message: str, *, fields: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.fields = fields
 
 
 class ConfigError(LoracliError):
@@ -24,11 +31,11 @@ class ModelError(LoracliError):
 class AdapterError(LoracliError):
     """An adapter is missing, malformed, unsupported or incompatible with the base model.
 
-    `path` names the offending file or folder.
+    `path` names the offending file or folder; `reason` is the message without it.
     """
 
-    def __init__(self, path: str, message: str):
-        super().__init__(f"{path}: {message}")
+    def __init__(self, path: str, message: str, *, fields: tuple[str, ...] = ()):
+        super().__init__(f"{path}: {message}", fields=fields)
         self.path = path
         self.reason = message
 
@@ -43,11 +50,3 @@ class InputError(LoracliError):
         self.line = line
         self.field = field
         self.reason = message
-
-
-class RequestFailed(LoracliError):
-    """One request failed while running (bad adapter, NaN logits...); the run goes on."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind

@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from .engine.engine import Result
 from .requests import RecordError
+from .results import Result
 from .signals import critical
 
 INPUT_ERROR_TYPES = frozenset({"invalid_request", "duplicate_id"})

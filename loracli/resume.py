@@ -5,7 +5,7 @@ fingerprint: size + SHA-256 of its first and last MiB), the options that change 
 (model, max_tokens, temperature, top_p, seed, ignore_eos, dtype, max_model_len, the field
 mapping) and the errors file. `plan_output` decides, before any model is loaded:
 - no output yet (or an empty one): a fresh run;
-- `--overwrite`: start over (output and errors file truncated);
+- `overwrite`: start over (output and errors file truncated);
 - an output whose sidecar matches: resume; one whose sidecar differs, or a non-empty output
   without a sidecar (not ours): refused with `ConfigError`, naming what differs.
 An output that is the input itself, or the errors file, is always refused.
@@ -68,7 +68,7 @@ def fingerprint(path: str) -> dict | None:
 
 
 @dataclass
-class RunIdentity:
+class JobIdentity:
     """What an output's results depend on; equal identities may share one output."""
 
     input: str
@@ -77,7 +77,7 @@ class RunIdentity:
     errors: str | None = None
     command: list[str] = field(default_factory=list)
 
-    def differences(self, now: RunIdentity) -> list[str]:
+    def differences(self, now: JobIdentity) -> list[str]:
         """Human-readable differences between this (earlier) identity and `now`."""
         out = []
         both = self.fingerprint is not None and now.fingerprint is not None
@@ -93,14 +93,14 @@ class RunIdentity:
             if then != cur:
                 out.append(f"{key} was {json.dumps(then)} then, {json.dumps(cur)} now")
         if self.errors != now.errors:
-            out.append(f"--errors was {self.errors or 'not given'} then, {now.errors or 'not given'} now")
+            out.append(f"errors_path was {self.errors or 'not given'} then, {now.errors or 'not given'} now")
         return out
 
     def to_json(self) -> str:
         return json.dumps({"version": SIDECAR_VERSION, **asdict(self)}, indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> RunIdentity:
+    def from_json(cls, text: str) -> JobIdentity:
         data = json.loads(text)
         if not isinstance(data, dict) or data.get("version") != SIDECAR_VERSION:
             raise ValueError("unknown sidecar version")
@@ -124,40 +124,45 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def plan_output(output: str, input_path: str, errors: str | None, identity: RunIdentity, overwrite: bool) -> str:
+def plan_output(output: str, input_path: str, errors: str | None, identity: JobIdentity, overwrite: bool) -> str:
     """'stdout', 'fresh', 'overwrite' or 'resume'; raises `ConfigError` when the output may not be used."""
     if output == "-":
         return "stdout"
-    for path, what in ((output, "-o"), (errors, "--errors")):
+    for path, what in ((output, "output_path"), (errors, "errors_path")):
         if path is not None and input_path != "-" and _same_file(path, input_path):
-            raise ConfigError(f"{what} {path} is the input file itself")
+            raise ConfigError(f"{what} {path} is the input file itself", fields=(what,))
         if path is not None and Path(path).is_dir():
-            raise ConfigError(f"{what} {path} is a folder, not a file")
+            raise ConfigError(f"{what} {path} is a folder, not a file", fields=(what,))
     if errors is not None and (errors == output or _same_file(errors, output)):
-        raise ConfigError("--errors must name another file than -o")
+        raise ConfigError("errors_path must name another file than output_path", fields=("errors_path", "output_path"))
     if overwrite:
         return "overwrite"
     if not _nonempty(output) and not _nonempty(errors):
         return "fresh"
     sidecar = sidecar_path(output)
-    advice = "--overwrite to start over, or another -o"
+    advice = "set overwrite to start over, or another output_path"
+    fields = ("overwrite", "output_path")
     if not sidecar.is_file():
-        raise ConfigError(f"{output} already exists and has no {sidecar.name} saying which run wrote it; {advice}")
+        raise ConfigError(
+            f"{output} already exists and has no {sidecar.name} saying which run wrote it; {advice}", fields=fields
+        )
     try:
-        then = RunIdentity.from_json(sidecar.read_text(encoding="utf-8"))
+        then = JobIdentity.from_json(sidecar.read_text(encoding="utf-8"))
     except (ValueError, KeyError, TypeError, OSError) as e:
-        raise ConfigError(f"{sidecar} is unreadable ({e}); {advice}") from None
+        raise ConfigError(f"{sidecar} is unreadable ({e}); {advice}", fields=fields) from None
     diffs = then.differences(identity)
     if diffs:
+        changed = tuple(sorted(set(then.options) | set(identity.options))) + ("errors_path",)
         raise ConfigError(
             f"{output} holds results of another run: "
             + "; ".join(diffs)
-            + f". Resume with the same input and options, or {advice}"
+            + f". Resume with the same input and options, or {advice}",
+            fields=fields + changed,
         )
     return "resume"
 
 
-def write_sidecar(output: str, identity: RunIdentity) -> None:
+def write_sidecar(output: str, identity: JobIdentity) -> None:
     path = sidecar_path(output)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(identity.to_json(), encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Helpers for the batch-runner tests: write inputs, run `run_file` on a shared engine, read outputs."""
+"""Helpers for the batch-runner tests: write inputs, run `run_job` on a shared engine, read outputs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from rich.console import Console
 
 from loracli.config import EngineConfig
 from loracli.engine.engine import Engine
-from loracli.engine.sequence import SamplingParams
-from loracli.runner import RunOptions, RunSummary, run_file
+from loracli.job import JobOptions, JobSummary, run_job
+from loracli.sampling import SamplingParams
 
 
 def tiny_engine(model_dir, adapters_dir=None, **kw) -> Engine:
@@ -55,9 +55,9 @@ def by_key(records: list[dict]) -> dict:
     return out
 
 
-def run(engine: Engine, inp, out, max_tokens: int = 4, console: Console | None = None, **options) -> RunSummary:
+def run(engine: Engine, inp, out, max_tokens: int = 4, console: Console | None = None, **options) -> JobSummary:
     defaults = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     console = console or Console(stderr=True, quiet=True)
-    return run_file(
-        str(inp), str(out), engine.config, defaults, console=console, options=RunOptions(**options), engine=engine
+    return run_job(
+        str(inp), str(out), engine.config, defaults, console=console, options=JobOptions(**options), engine=engine
     )

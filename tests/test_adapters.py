@@ -97,7 +97,7 @@ def test_pickle_refused_unless_allowed(tmp_path, llama_adapters, spec):
     tensors = load_file(str(a / "adapter_model.safetensors"))
     (a / "adapter_model.safetensors").unlink()
     torch.save(tensors, a / "adapter_model.bin")
-    expect_error(a, spec, "pickle weights are refused.*--allow-pickle")
+    assert expect_error(a, spec, "pickle weights are refused.*set allow_pickle").fields == ("allow_pickle",)
     w = load_adapter(a, spec, allow_pickle=True)
     ref = load_adapter(llama_adapters / "attn4", spec)
     for key, (a_t, b_t) in ref.modules.items():
@@ -130,7 +130,8 @@ def test_shape_mismatch(tmp_path, llama_adapters, spec):
 
 
 def test_rank_above_max(llama_adapters, spec):
-    expect_error(llama_adapters / "all16rs", spec, "rank 16 exceeds --max-lora-rank 8", max_lora_rank=8)
+    e = expect_error(llama_adapters / "all16rs", spec, "rank 16 exceeds max_lora_rank 8", max_lora_rank=8)
+    assert e.fields == ("max_lora_rank",)
 
 
 def test_missing_half(tmp_path, llama_adapters, spec):

@@ -14,10 +14,12 @@ from collections import Counter
 import pytest
 
 from loracli.bench import BenchOptions, plot, run_bench
+from loracli.bench.harness import busy_note, lora_rank_limit
+from loracli.bench.protocol import Measurement, Record
 from loracli.bench.report import check_outputs, percentile, summarize
 from loracli.bench.roofline import flops_per_token
-from loracli.bench.run import busy_note
-from loracli.bench.systems import ALL_KINDS, Measurement, Record, lora_rank_limit, parse_system, parse_systems
+from loracli.bench.system_names import ALL_KINDS, KINDS, engine_settings, parse_system, parse_systems, setting_value
+from loracli.bench.systems import BUILDERS
 from loracli.bench.workload import (
     BenchRequest,
     Distribution,
@@ -33,6 +35,7 @@ from loracli.bench.workload import (
     write_random_adapters,
     zipf_weights,
 )
+from loracli.config import EngineConfig
 from loracli.errors import ConfigError
 from loracli.model.spec import TARGET_MODULES, ModelSpec
 
@@ -205,6 +208,48 @@ def test_system_names():
         with pytest.raises(ConfigError):
             parse_system(bad)
     assert lora_rank_limit(16) == 64 and lora_rank_limit(100) == 128
+    assert set(BUILDERS) == set(KINDS)
+
+
+def test_settings_are_read_as_their_field_type():
+    def overrides(settings: str) -> dict:
+        return dict(parse_system(f"loracli:{settings}").overrides)
+
+    assert overrides("gpu-memory-utilization=0.5") == {"gpu_memory_utilization": 0.5}
+    assert overrides("gpu_memory_utilization=1") == {"gpu_memory_utilization": 1.0}
+    assert overrides("gpu-memory-utilization=none:max-model-len=None") == {
+        "gpu_memory_utilization": None,
+        "max_model_len": None,
+    }
+    assert overrides("memory-budget=1100MiB:kv-cache-memory=2GiB") == {
+        "memory_budget": 1100 * 2**20,
+        "kv_cache_memory": 2 * 2**30,
+    }
+    assert overrides("memory-budget=none") == {"memory_budget": None}
+    assert overrides("allow-pickle=true:verify-slots=0:dynamic-slots=none") == {
+        "allow_pickle": True,
+        "verify_slots": False,
+        "dynamic_slots": None,
+    }
+    assert overrides("merge-policy=never:pinned=a+b") == {"merge_policy": "never", "pinned": ("a", "b")}
+    ray = parse_system("loracli-ray:worker-gpus=none:ship-adapters=true")
+    assert dict(ray.cluster) == {"worker_gpus": None, "ship_adapters": True}
+    for name in engine_settings():  # every settable field has a parser for its type
+        setting_value(EngineConfig, name, "1")
+    for settings, field_name in (
+        ("gpu-memory-utilization=half", "gpu_memory_utilization"),
+        ("max-model-len=long", "max_model_len"),
+        ("max-loras=x", "max_loras"),
+        ("memory-budget=lots", "memory_budget"),
+        ("allow-pickle=maybe", "allow_pickle"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            parse_system(f"loracli:{settings}")
+        setting = field_name.replace("_", "-")
+        assert f"--systems: {setting} " in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert e.value.fields == ()  # the bench's own vocabulary: the CLI rewrites nothing
+    with pytest.raises(ConfigError):
+        parse_system("loracli:gpu-memory-utilization=1.5")  # the engine's own range check
 
 
 def test_percentile():

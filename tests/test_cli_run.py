@@ -137,6 +137,26 @@ def test_broken_adapter_fails_only_its_requests(tmp_path, llama_dir, llama_adapt
     assert all("text" in recs[r] for r in ("attn40", "attn41"))
 
 
+def test_help_is_light_and_grouped():
+    """`loracli run --help` imports neither torch nor the engine, and shows the option panels."""
+    code = (
+        "import sys\n"
+        "sys.argv = ['loracli', 'run', '--help']\n"
+        "from loracli.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'loracli.engine', 'loracli.job') if m in sys.modules]\n"
+        "print('heavy:', heavy, file=sys.stderr)\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, "COLUMNS": "120"}, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    assert "heavy: []" in p.stderr
+    for panel in ("Input and output", "Sampling", "Adapters and slots", "Memory", "Merging", "Scale-out (Ray)"):
+        assert panel in p.stdout
+    assert "--max-cpu-loras" in p.stdout and "--ship-adapters" in p.stdout
+
+
 @pytest.mark.model
 def test_default_model_end_to_end(tmp_path):
     """The real embedded SmolLM2 (converted once and cached) through `loracli run`."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from loracli.config import EngineConfig
@@ -10,21 +12,35 @@ from loracli.sizes import parse_bytes
 
 
 @pytest.mark.parametrize(
-    "kw,match",
+    "kw,match,fields",
     [
-        ({"max_lora_rank": 320}, "power of two"),
-        ({"max_lora_rank": 1024}, "power of two"),
-        ({"max_lora_rank": 0}, "positive"),
-        ({"max_loras": 4, "max_cpu_loras": 2}, r"--max-cpu-loras \(2\) must be >= --max-loras \(4\)"),
-        ({"dtype": "float8"}, "--dtype"),
-        ({"device": "tpu"}, "--device"),
-        ({"max_num_seqs": 0}, "--max-num-seqs"),
-        ({"max_loras": True}, "--max-loras"),
+        ({"max_lora_rank": 320}, "power of two", ("max_lora_rank",)),
+        ({"max_lora_rank": 1024}, "power of two", ("max_lora_rank",)),
+        ({"max_lora_rank": 0}, "positive", ("max_lora_rank",)),
+        (
+            {"max_loras": 4, "max_cpu_loras": 2},
+            r"max_cpu_loras \(2\) must be >= max_loras \(4\)",
+            ("max_cpu_loras", "max_loras"),
+        ),
+        ({"dtype": "float8"}, "dtype", ("dtype",)),
+        ({"device": "tpu"}, "device", ("device",)),
+        ({"max_num_seqs": 0}, "max_num_seqs", ("max_num_seqs",)),
+        ({"max_loras": True}, "max_loras", ("max_loras",)),
+        ({"slot_cooldown_steps": 0}, "slot_cooldown_steps", ("slot_cooldown_steps",)),
     ],
 )
-def test_invalid(kw, match):
-    with pytest.raises(ConfigError, match=match):
+def test_invalid(kw, match, fields):
+    """Errors name config fields (the CLI maps them to its flags), never flags."""
+    with pytest.raises(ConfigError, match=match) as info:
         EngineConfig(**kw)
+    assert info.value.fields == fields and "--" not in str(info.value)
+
+
+def test_config_is_frozen_after_validation():
+    cfg = EngineConfig(max_loras=4)
+    assert cfg.min_loras == 4 and cfg.max_cpu_loras == 32 and cfg.dynamic_slots is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.max_num_seqs = 1  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("rank", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512])

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from runs import tiny_engine
 
-from loracli.engine.sequence import SamplingParams
 from loracli.errors import ConfigError
 from loracli.requests import Request
+from loracli.sampling import SamplingParams
 
 ADAPTERS = (None, "attn4", "mlp8", "all16rs", "pattern")
 
@@ -76,7 +76,7 @@ def test_compaction_moves_weights_with_their_adapters_and_verify_catches_a_wrong
     e.resizer.resize(4, "test", 0)
     for name in ("attn4", "mlp8", "all16rs", "pattern"):
         slot, _, write = e.slots.place(name, 1)
-        e.runner.write_adapter(slot, e.store.get(name))
+        e.model_runner.write_adapter(slot, e.store.get(name))
     e.slots.acquire(e.slots.lookup("pattern"), 5)  # pattern is busy: it must survive
     e.slots.last_used[e.slots.lookup("mlp8")] = 4  # mlp8 is the most recent of the idle ones
     e.resizer.resize(2, "test", 6)
@@ -84,7 +84,7 @@ def test_compaction_moves_weights_with_their_adapters_and_verify_catches_a_wrong
     e.resizer.verify()  # every resident adapter's weights in its new slot, in every layer
     lin = next(lin for _, lin in e.model.linears() if lin.ranks[0][1])
     lin.A[0][1, 0, 0] += 1.0
-    with pytest.raises(RuntimeError, match="--verify-slots: adapter 'pattern' in slot 1"):
+    with pytest.raises(RuntimeError, match="verify_slots: adapter 'pattern' in slot 1"):
         e.resizer.verify()
 
 
@@ -92,7 +92,7 @@ def test_scripted_requests_give_exact_disk_loads_cpu_hits_and_evictions(llama_di
     e = tiny_engine(llama_dir, llama_adapters, max_loras=1, max_cpu_loras=2)
     for i, name in enumerate(["attn4", "mlp8", "attn4", "pattern", "attn4", "mlp8", "mlp8"]):
         outputs(e, [Request(f"s{i}", name, "hello there")])
-    r = e.resizer.report()
+    r = e.reports()["slots"]
     # CPU LRU of 2: loads attn4, mlp8, pattern, mlp8 (evicted by pattern); hits attn4 twice, mlp8 once
     assert (r["disk_loads"], r["cpu_hits"], r["cpu_evictions"]) == (4, 2, 2)
     # one slot: every change of adapter evicts the previous one; the last mlp8 is already resident
@@ -117,7 +117,7 @@ def test_pinned_adapters_are_resident_from_the_start_and_never_evicted(llama_dir
     assert e.slots.resident() == ["all16rs"]
     outputs(e, [Request(f"p{i}", a, "hello") for i, a in enumerate(["attn4", "mlp8", "pattern", "attn4"])])
     assert "all16rs" in e.slots.resident()
-    with pytest.raises(ConfigError, match="--pin: unknown adapter 'nope'"):
+    with pytest.raises(ConfigError, match="pinned: unknown adapter 'nope'"):
         tiny_engine(llama_dir, llama_adapters, max_loras=2, min_loras=2, pinned=("nope",))
 
 
@@ -130,7 +130,7 @@ def test_slots_and_kv_trade_memory_under_one_budget(llama_dir, llama_adapters):
     assert all(lin.A[0].shape[0] == 4 for _, lin in e.model.linears())
     e.resizer.resize(1, "test", 2)
     assert e.blocks.num_blocks == blocks_at_one and e.model.kv_bytes() == kv_at_one
-    with pytest.raises(ConfigError, match="--memory-budget .* is too small"):
+    with pytest.raises(ConfigError, match="memory_budget .* is too small"):
         tiny_engine(llama_dir, llama_adapters, max_loras=4, min_loras=1, memory_budget=1 << 20)
 
 
@@ -152,7 +152,7 @@ e = tiny_engine(model, adapters, max_loras=16, min_loras=1, max_lora_rank=256, m
 names = e.store.names()
 e.resizer.resize(16, "grow", 1)
 for i in range(16):
-    e.runner.write_adapter(i, e.store.get(names[i % len(names)]))
+    e.model_runner.write_adapter(i, e.store.get(names[i % len(names)]))
 for kv in e.model.kv:
     kv.fill_(0)
 big = rss_mib()

@@ -20,13 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from loracli.adapters import load_adapter
 from loracli.errors import AdapterError, ConfigError
-from loracli.inspect_adapter import (
-    delta_norm,
-    inspect_path,
-    layer_span,
-    merge_layer_lines,
-    smallest_max_lora_rank,
-)
+from loracli.inspect import inspect_path
+from loracli.inspect.analysis import smallest_max_lora_rank
+from loracli.inspect.lines import layer_span, merge_layer_lines
+from loracli.inspect.modules import delta_norm
 from loracli.model.loader import load_config
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -317,7 +314,7 @@ def test_shape_mismatch_and_rank_limit(zoo, llama_dir, narrow_model):
     assert "expected A [r, 64], B [96, r]" in by_module["layers 0-1 gate_proj"]
     assert "expected A [r, 96], B [64, r]" in by_module["layers 0-1 down_proj"]
     b = report_of(zoo / "all16rs", model=str(llama_dir), max_lora_rank=8)
-    assert len(b.problems) == 7 and all("rank 16 exceeds --max-lora-rank 8" in p for p in b.problems)
+    assert len(b.problems) == 7 and all("rank 16 exceeds max_lora_rank 8" in p for p in b.problems)
     assert b.cost.smallest_max_lora_rank == 16
 
 
@@ -344,11 +341,12 @@ def test_errors_name_the_file(zoo, pickled, tmp_path):
     with pytest.raises(AdapterError, match="truncated or corrupt") as e:
         inspect_path(zoo / "trunc")
     assert e.value.path == str(zoo / "trunc" / "adapter_model.safetensors")
-    with pytest.raises(AdapterError, match="--allow-pickle"):
+    with pytest.raises(AdapterError, match="set allow_pickle to read them") as e:
         inspect_path(pickled)
+    assert e.value.fields == ("allow_pickle",)
     with pytest.raises(AdapterError, match="no adapter_config.json and no adapter sub-folders"):
         inspect_path(tmp_path)
-    with pytest.raises(ConfigError, match="--max-lora-rank must be a power of two"):
+    with pytest.raises(ConfigError, match="max_lora_rank must be a power of two"):
         inspect_path(zoo / "attn4", max_lora_rank=48)
 
 

@@ -9,9 +9,9 @@ import torch
 from runs import tiny_engine
 
 from loracli.engine.merge_policy import MergePolicy, MergeView, Transition
-from loracli.engine.sequence import SamplingParams
 from loracli.errors import ConfigError
 from loracli.requests import Request
+from loracli.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,7 +107,7 @@ def test_thresholds_tune_from_measured_merged_vs_unmerged_throughput():
 
 
 def test_merge_policy_is_validated(llama_dir):
-    with pytest.raises(ConfigError, match="merge-policy"):
+    with pytest.raises(ConfigError, match="merge_policy"):
         tiny_engine(llama_dir, merge_policy="sometimes")
 
 
@@ -120,13 +120,13 @@ def test_base_weights_are_restored_bit_for_bit_after_many_cycles(llama_dir, llam
     original = [lin.weight.clone() for _, lin in e.model.linears()]
     for name in ("attn4", "mlp8", "all16rs", "pattern"):
         slot, _, _ = e.slots.place(name, 1)
-        e.runner.write_adapter(slot, e.store.get(name))
+        e.model_runner.write_adapter(slot, e.store.get(name))
     for cycle in range(12):
         name = ("attn4", "mlp8", "all16rs", "pattern")[cycle % 4]
-        e.runner.merge(name, e.slots.lookup(name))
+        e.model_runner.merge(name, e.slots.lookup(name))
         changed = sum(not torch.equal(lin.weight, w) for (_, lin), w in zip(e.model.linears(), original, strict=True))
         assert changed > 0  # the merge really changed the weights
-        e.runner.unmerge()
+        e.model_runner.unmerge()
         assert all(torch.equal(lin.weight, w) for (_, lin), w in zip(e.model.linears(), original, strict=True))
 
 
@@ -135,9 +135,9 @@ def test_merged_logits_match_the_unmerged_lora_path(llama_dir, llama_adapters):
     ids = e.tokenizer("merge me into the base weights please").input_ids
     base = e.next_token_logits(None, ids)
     unmerged = e.next_token_logits("all16rs", ids)
-    e.runner.merge("all16rs", e.slots.lookup("all16rs"))
+    e.model_runner.merge("all16rs", e.slots.lookup("all16rs"))
     merged = e.next_token_logits("all16rs", ids)
-    e.runner.unmerge()
+    e.model_runner.unmerge()
     assert (unmerged - base).abs().max() > 1e-2  # the adapter matters
     torch.testing.assert_close(merged, unmerged, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(e.next_token_logits("all16rs", ids), unmerged, atol=0, rtol=0)

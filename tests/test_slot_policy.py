@@ -7,10 +7,11 @@ import pytest
 from loracli.config import EngineConfig
 from loracli.engine.block_manager import BlockManager
 from loracli.engine.memory_budget import MemoryBudget
-from loracli.engine.sequence import SamplingParams, Sequence
+from loracli.engine.sequence import Sequence
 from loracli.engine.slot_policy import KvView, SlotPolicy
 from loracli.engine.slots import SlotManager
 from loracli.errors import ConfigError
+from loracli.sampling import SamplingParams
 
 ROOMY = KvView(total=100, free=90, blocks_per_slot=2, traded=True)
 FULL = KvView(total=100, free=5, blocks_per_slot=2, traded=True)
@@ -116,7 +117,7 @@ def test_kv_blocks_past_the_new_end_move_below_it():
 def test_budget_arithmetic_and_too_small_budget_message():
     mb = MemoryBudget(budget=1000, weights=300, working=100, slot_bytes=50, block_bytes=20)
     assert mb.kv_blocks(0) == 30 and mb.kv_blocks(4) == 20 and mb.blocks_per_slot == 3
-    with pytest.raises(ConfigError, match="--memory-budget 1000 B is too small"):
+    with pytest.raises(ConfigError, match="memory_budget 1000 B is too small"):
         mb.check(4, 21)
 
 
@@ -125,11 +126,11 @@ def test_config_validation_of_slot_options():
     assert cfg.dynamic_slots is True
     assert EngineConfig(max_loras=8).dynamic_slots is False and EngineConfig(max_loras=8).min_loras == 8
     for kwargs, message in [
-        (dict(max_loras=4, min_loras=5), "--min-loras"),
-        (dict(max_loras=4, min_loras=1, pinned=("a", "b")), "--pin names 2"),
-        (dict(gpu_memory_utilization=1.5), "--gpu-memory-utilization"),
+        (dict(max_loras=4, min_loras=5), "min_loras"),
+        (dict(max_loras=4, min_loras=1, pinned=("a", "b")), "pinned names 2"),
+        (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
         (dict(memory_budget=1 << 30, gpu_memory_utilization=0.5), "not both"),
-        (dict(slot_cooldown_steps=0), "--slot-cooldown-steps"),
+        (dict(slot_cooldown_steps=0), "slot_cooldown_steps"),
     ]:
         with pytest.raises(ConfigError, match=message):
             EngineConfig(**kwargs)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from runs import tiny_engine
 
-from loracli.engine.sequence import SamplingParams
 from loracli.requests import Request
+from loracli.sampling import SamplingParams
 
 
 def _outputs(engine, n: int = 9) -> dict[str, list[int]]:

@@ -82,7 +82,7 @@ def profile_decode(
 
     from ..config import EngineConfig
     from ..engine.engine import Engine
-    from ..engine.sequence import SamplingParams
+    from ..sampling import SamplingParams
     from .roofline import flops_per_token, matmul_rate
 
     engine = Engine(
@@ -164,7 +164,7 @@ def activation_ms(engine, names: list[str], rounds: int = 3) -> dict:
         for name in names:
             weights = store.get(name)
             t0 = time.perf_counter()
-            engine.runner.write_adapter(0, weights)
+            engine.model_runner.write_adapter(0, weights)
             write.append(time.perf_counter() - t0)
     return {"disk_to_cpu": 1e3 * statistics.median(disk), "cpu_to_slot": 1e3 * statistics.median(write)}
 

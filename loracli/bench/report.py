@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..quantiles import percentile
-from .systems import Measurement, Record
+from .protocol import Measurement, Record
 from .workload import BenchRequest
 
 STATUS_STYLE = {"ok": "green", "invalid": "red", "failed": "red", "skipped": "yellow"}

@@ -21,7 +21,9 @@ import traceback
 import warnings
 from dataclasses import asdict
 
-from .systems import Job, Measurement, build_system, parse_system, warmup_requests
+from .protocol import Job, Measurement
+from .system_names import parse_system
+from .systems import build_system
 
 
 def maxrss_mib() -> float:
@@ -30,6 +32,19 @@ def maxrss_mib() -> float:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def warmup_requests(requests: list[dict], n: int) -> list[dict]:
+    """Up to n requests, one per adapter first (order of first use), each cut to 4 output tokens."""
+    if n <= 0:
+        return []
+    seen: set[str | None] = set()
+    firsts, rest = [], []
+    for r in requests:
+        (rest if r["adapter"] in seen else firsts).append(r)
+        seen.add(r["adapter"])
+    chosen = (firsts + rest)[:n]
+    return [{**r, "id": f"warmup-{i}", "max_tokens": min(4, r["max_tokens"])} for i, r in enumerate(chosen)]
 
 
 def measure(job: Job, isolated: bool = False) -> Measurement:

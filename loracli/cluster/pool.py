@@ -1,6 +1,6 @@
 """`RayPool`: `loracli run --ray`: N engine replicas as Ray actors behind the engine's interface.
 
-`runner.run_file` drives a `RayPool` exactly as it drives a local `Engine` (`generate`,
+`job.run_job` drives a `RayPool` exactly as it drives a local `Engine` (`generate`,
 `preflight_many`, `stop_admitting`, `counters`, `reports`, ...), so the output file keeps its
 semantics: streamed, resumable, exactly once. Only the driver reads the input and writes the
 output.
@@ -34,39 +34,18 @@ import os
 import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import EngineConfig
-from ..engine.engine import Counters, Result
-from ..engine.sequence import SamplingParams
 from ..errors import ConfigError, InputError, LoracliError
 from ..requests import Request
+from ..results import Counters, Failure, Result, input_error_result
+from ..sampling import SamplingParams
+from .options import ClusterOptions
 from .routing import make_router
 from .shipping import AdapterShipper
 from .worker import EngineWorker, Reply
-
-ROUTING_POLICIES = ("affinity", "round-robin")
-
-
-@dataclass
-class ClusterOptions:
-    address: str | None = None  # None: start a local Ray instance
-    workers: int = 2
-    worker_cpus: float = 1.0
-    worker_gpus: float | None = None  # None: 1 when the cluster has GPUs and --device is not cpu
-    routing: str = "affinity"
-    ship_adapters: bool = False  # send adapter files through the object store: no shared folder needed
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise ConfigError(f"--workers must be a positive integer, got {self.workers!r}")
-        if not self.worker_cpus > 0:
-            raise ConfigError(f"--worker-cpus must be positive, got {self.worker_cpus!r}")
-        if self.worker_gpus is not None and self.worker_gpus < 0:
-            raise ConfigError(f"--worker-gpus must be >= 0, got {self.worker_gpus!r}")
-        if self.routing not in ROUTING_POLICIES:
-            raise ConfigError(f"--routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}")
 
 
 class ClusterError(LoracliError):
@@ -77,7 +56,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise ConfigError("--ray needs Ray, which is not installed: pip install 'loracli[ray]'") from None
+        raise ConfigError("Ray is not installed: pip install 'loracli[ray]'") from None
     return ray
 
 
@@ -115,8 +94,8 @@ class RayPool:
         self.model_name = first["model_name"]
         self.base_names = frozenset(first["base_names"])
         self.max_model_len = first["max_model_len"]
-        self.dtype = first["dtype"]
-        self.device = f"ray:{options.workers}x{first['device']}"
+        self.dtype_name = first["dtype"]
+        self.device_name = f"ray:{options.workers}x{first['device']}"
         # In flight per worker: a full batch plus a quarter to admit from as sequences finish. Kept
         # short so the backlog stays in the router, where any worker that runs short can take it.
         self.queue_target = config.max_num_seqs + max(1, config.max_num_seqs // 4)
@@ -144,14 +123,16 @@ class RayPool:
         try:
             self.ray.init(**kwargs)
         except Exception as e:  # noqa: BLE001 - an unreachable cluster: one line
-            raise ClusterError(f"--ray {o.address or ''}: cannot start or reach Ray: {_cause(e)}") from None
+            raise ClusterError(
+                f"address {o.address or '(local)'}: cannot start or reach Ray: {_cause(e)}", fields=("address",)
+            ) from None
 
     def _shipped_folder(self) -> Path | None:
         if not (self.options.ship_adapters and self.config.adapters_dir):
             return None
         folder = Path(self.config.adapters_dir).resolve()
         if not folder.is_dir():
-            raise ConfigError(f"--adapters: {folder} is not a folder")
+            raise ConfigError(f"adapters_dir: {folder} is not a folder", fields=("adapters_dir",))
         return folder
 
     def _start_workers(self, shipped_folder: Path | None) -> list[dict]:
@@ -189,8 +170,9 @@ class RayPool:
         for name, each in (("CPU", o.worker_cpus), ("GPU", gpus)):
             if each and have.get(name, 0) < o.workers * each:
                 raise ClusterError(
-                    f"--workers {o.workers} x {each:g} {name} need {o.workers * each:g} {name}s; "
-                    f"the Ray cluster has {have.get(name, 0):g}"
+                    f"workers {o.workers} x {each:g} {name} need {o.workers * each:g} {name}s; "
+                    f"the Ray cluster has {have.get(name, 0):g}",
+                    fields=("workers",),
                 )
 
     def close(self) -> None:
@@ -208,10 +190,10 @@ class RayPool:
                 if self.owns_ray and self.ray.is_initialized():
                     self.ray.shutdown()
 
-    # The engine interface runner.py uses.
+    # The engine interface job.py uses.
 
-    def preflight_many(self, reqs: list[Request]) -> list[str | None]:
-        return self.ray.get(self.handles[self.router.live()[0]].preflight_many.remote(reqs))
+    def preflight_many(self, reqs: list[Request], defaults: SamplingParams | None = None) -> list[Failure | None]:
+        return self.ray.get(self.handles[self.router.live()[0]].preflight_many.remote(reqs, defaults))
 
     def stop_admitting(self) -> list[str]:
         self.stopping = True
@@ -242,10 +224,7 @@ class RayPool:
                 if item is None:
                     exhausted = True
                 elif isinstance(item, InputError):
-                    now = time.perf_counter()
-                    yield Result(
-                        None, str(item.line), None, error=("invalid_request", str(item)), arrival=now, finished=now
-                    )
+                    yield input_error_result(item)
                 else:
                     self.router.add(item)
             self._dispatch(calls, defaults)

@@ -69,6 +69,18 @@ class Router:
     def inflight(self, w: int) -> int:
         return len(self.workers[w].inflight)
 
+    def add(self, req: Any) -> None:
+        """Queue a request to be routed."""
+        raise NotImplementedError
+
+    def take(self, w: int, room: int) -> list[Any]:
+        """Up to `room` queued requests for worker `w` (recorded as in flight there)."""
+        raise NotImplementedError
+
+    def pending(self) -> int:
+        """Requests queued, not yet taken by any worker."""
+        raise NotImplementedError
+
     def done(self, w: int, ids: Iterable[str]) -> None:
         for rid in ids:
             self.workers[w].inflight.pop(rid, None)
@@ -103,9 +115,6 @@ class Router:
         return self._order
 
     def _requeue(self, reqs: list[Any]) -> None:
-        raise NotImplementedError
-
-    def pending(self) -> int:
         raise NotImplementedError
 
 

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..config import EngineConfig
-from ..engine.engine import Counters, Engine, Result
-from ..engine.sequence import SamplingParams
+from ..engine.engine import Engine
 from ..requests import Request
+from ..results import Counters, Failure, Result
+from ..sampling import SamplingParams
 from .shipping import AdapterInbox
 
 
@@ -54,20 +55,20 @@ class EngineWorker:
     ):
         if threads:
             torch.set_num_threads(threads)
-        self.inbox = None
+        self.inbox: AdapterInbox | None = None
         if shipped_names is None:
             self.engine = Engine(config)
             return
-        self.inbox = AdapterInbox(shipped_names, shown_as=config.adapters_dir)
+        inbox = self.inbox = AdapterInbox(shipped_names, shown_as=config.adapters_dir or "")
         try:
             self._receive(adapters)  # the pinned adapters: the engine loads them at start
-            self.engine = Engine(replace(config, adapters_dir=str(self.inbox.folder)))
+            self.engine = Engine(replace(config, adapters_dir=str(inbox.folder)))
         except Exception as e:
-            self.inbox.close()
-            raise WorkerStartError(self.inbox.shown(f"{type(e).__name__}: {e}")) from None
+            inbox.close()
+            raise WorkerStartError(inbox.shown(f"{type(e).__name__}: {e}")) from None
 
     def _receive(self, adapters: dict | None) -> None:
-        if adapters:
+        if adapters and self.inbox is not None:
             import ray
 
             self.inbox.receive(dict(zip(adapters, ray.get(list(adapters.values())), strict=True)))
@@ -77,14 +78,14 @@ class EngineWorker:
         return {
             "model_name": e.model_name,
             "base_names": sorted(e.base_names),
-            "device": str(e.device),
-            "dtype": str(e.dtype).replace("torch.", ""),
+            "device": e.device_name,
+            "dtype": e.dtype_name,
             "max_model_len": e.max_model_len,
             "adapters_folder": str(e.store.folder) if e.store.folder else None,
         }
 
-    def preflight_many(self, reqs: list[Request]) -> list[str | None]:
-        return self.engine.preflight_many(reqs)
+    def preflight_many(self, reqs: list[Request], defaults: SamplingParams | None = None) -> list[Failure | None]:
+        return self.engine.preflight_many(reqs, defaults)
 
     def work(
         self,
@@ -113,7 +114,7 @@ class EngineWorker:
         """The result as sent back: without its request, errors naming the driver's adapters folder."""
         error = r.error
         if error is not None and self.inbox is not None:
-            error = (error[0], self.inbox.shown(error[1]))
+            error = error._replace(message=self.inbox.shown(error.message))
         return replace(r, request=None, error=error)
 
     def reports(self) -> dict:

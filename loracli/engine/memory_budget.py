@@ -44,9 +44,10 @@ class MemoryBudget:
         if self.kv_blocks(slots) < min_blocks:
             need = self.weights + self.working + slots * self.slot_bytes + min_blocks * self.block_bytes
             raise ConfigError(
-                f"--memory-budget {format_bytes(self.budget)} is too small: weights {format_bytes(self.weights)}, "
+                f"memory_budget {format_bytes(self.budget)} is too small: weights {format_bytes(self.weights)}, "
                 f"working buffers {format_bytes(self.working)}, {slots} adapter slots "
-                f"{format_bytes(slots * self.slot_bytes)} and {min_blocks} KV blocks need {format_bytes(need)}"
+                f"{format_bytes(slots * self.slot_bytes)} and {min_blocks} KV blocks need {format_bytes(need)}",
+                fields=("memory_budget",),
             )
 
     def split(self, slots: int, kv_blocks: int) -> dict:

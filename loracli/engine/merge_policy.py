@@ -31,8 +31,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MODES = ("auto", "never", "always-single")
-
 
 @dataclass(frozen=True)
 class MergeView:
@@ -85,6 +83,7 @@ class MergePolicy:
             x = self._candidate(view)
             return None if x is None or view.owed else Transition("drain", x, self._why(view, x))
         x = self.adapter
+        assert x is not None, "draining or merged always names its adapter"
         stop = self._stop_reason(view, x)
         if self.state == "draining":
             if stop is not None:

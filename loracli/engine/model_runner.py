@@ -57,7 +57,11 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """Forward one step; returns float32 logits [len(seqs), V] for each sequence's next token."""
         if is_prefill:
-            ids, pos, rows, slots, lens = [], [], [], [], []
+            ids: list[int] = []
+            pos: list[int] = []
+            rows: list[int] = []
+            slots: list[int] = []
+            lens: list[int] = []
             for seq in seqs:
                 n = len(seq)
                 ids.extend(seq.token_ids)

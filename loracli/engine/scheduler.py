@@ -49,6 +49,9 @@ class Scheduler:
         ensure_adapter: Callable[[str], str | None],
     ):
         self.config = config
+        # live batch limits: start at the config's, lowered by `back_off` after running out of memory
+        self.max_num_seqs = config.max_num_seqs
+        self.max_batched_tokens = config.max_batched_tokens
         self.blocks = blocks
         self.slots = slots
         self.ensure_adapter = ensure_adapter  # name -> None if loaded, else the failure reason
@@ -85,8 +88,8 @@ class Scheduler:
         return Batch(self._decode_set(), is_prefill=False)
 
     def _admit(self) -> Batch:
-        cfg, batch = self.config, Batch([], is_prefill=True)
-        budget = cfg.max_batched_tokens
+        batch = Batch([], is_prefill=True)
+        budget = self.max_batched_tokens
         kept: deque[Sequence] = deque()
         failed_adapters: dict[str, str] = {}
         stop = False
@@ -108,7 +111,7 @@ class Scheduler:
                 continue
             n = len(seq)
             fits = self.blocks.blocks_for(n) <= self.blocks.num_free - self.reserve_blocks
-            if len(self.running) >= cfg.max_num_seqs or (batch.seqs and n > budget) or not fits:
+            if len(self.running) >= self.max_num_seqs or (batch.seqs and n > budget) or not fits:
                 self.kv_blocked = not self.blocks.can_allocate(seq)
                 kept.append(seq)
                 stop = True
@@ -118,7 +121,7 @@ class Scheduler:
                     if seq.blocked_since is None:
                         seq.blocked_since = self.step_no
                     kept.append(seq)
-                    stop = self.step_no - seq.blocked_since >= cfg.starvation_steps
+                    stop = self.step_no - seq.blocked_since >= self.config.starvation_steps
                     continue
                 reason = self.ensure_adapter(seq.adapter)
                 if reason is not None:
@@ -177,6 +180,21 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.preemptions += 1
+
+    def back_off(self, batch: Batch) -> None:
+        """The step of `batch` ran out of device memory: halve the limit it hit and requeue.
+
+        A prefill halves `max_batched_tokens` and requeues the whole batch; a decode halves
+        `max_num_seqs` and preempts the running sequences past the new limit.
+        """
+        if batch.is_prefill:
+            self.max_batched_tokens = max(1, sum(len(s) for s in batch.seqs) // 2)
+            victims = list(batch.seqs)
+        else:
+            self.max_num_seqs = max(1, len(batch.seqs) // 2)
+            victims = self.running[self.max_num_seqs :]
+        for seq in reversed(victims):
+            self.preempt(seq)
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -9,21 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ..requests import Request
+from ..sampling import SamplingParams
+
 
 class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
 
 
 @dataclass
@@ -43,7 +36,7 @@ class Sequence:
     credits: int = 0  # steps it waited because another adapter was merged (or draining to merge)
     finish_reason: str | None = None
     text: str = ""
-    payload: object = None  # the caller's request object, handed back with the result
+    payload: Request | None = None  # the caller's request, handed back with the result
 
     def __post_init__(self) -> None:
         if not self.num_prompt:

@@ -2,7 +2,7 @@
 
 An adapter is *placed* in a slot (the caller then writes its weights there), *acquired* by
 each running sequence that uses it and *released* when that sequence leaves the batch. Only
-slots with no users and not pinned can be evicted; among those the least recently used goes
+slots with no users and neither pinned nor held can be evicted; among those the least recently used goes
 first, and empty slots are taken before any eviction.
 
 `resize(n)` changes the slot count and compacts: the adapters that stay (every slot in use, then
@@ -13,7 +13,7 @@ buffers by `SlotMove.keep` and every running sequence's slot by `SlotMove.remap`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -33,14 +33,22 @@ class SlotMove:
 @dataclass
 class SlotManager:
     n_slots: int
-    pinned: set[str] = field(default_factory=set)
+    pinned: frozenset[str] = frozenset()  # never evicted (the configured pins)
 
     def __post_init__(self) -> None:
+        self.held: set[str] = set()  # not evicted while held (an adapter merged into the base)
         self.adapter_of: list[str | None] = [None] * self.n_slots
         self.users = [0] * self.n_slots
         self.last_used = [0] * self.n_slots
         self.slot_of: dict[str, int] = {}
         self.stats = SlotStats()
+
+    def protected(self, name: str | None) -> bool:
+        return name in self.pinned or name in self.held
+
+    def set_held(self, names: frozenset[str]) -> None:
+        """Adapters kept in their slots on top of the pins (the one merged into the base weights)."""
+        self.held = set(names)
 
     def lookup(self, name: str) -> int | None:
         return self.slot_of.get(name)
@@ -49,7 +57,7 @@ class SlotManager:
         empty = [s for s in range(self.n_slots) if self.adapter_of[s] is None]
         if empty:
             return empty[0]
-        free = [s for s in range(self.n_slots) if self.users[s] == 0 and self.adapter_of[s] not in self.pinned]
+        free = [s for s in range(self.n_slots) if self.users[s] == 0 and not self.protected(self.adapter_of[s])]
         return min(free, key=lambda s: self.last_used[s]) if free else None
 
     def can_place(self, name: str) -> bool:
@@ -62,9 +70,10 @@ class SlotManager:
             slot = self.slot_of[name]
             self.last_used[slot] = step
             return slot, None, False
-        slot = self._victim()
-        if slot is None:
+        victim = self._victim()
+        if victim is None:
             raise RuntimeError("no slot available; call can_place first")
+        slot = victim
         evicted = self.adapter_of[slot]
         if evicted is not None:
             del self.slot_of[evicted]
@@ -97,10 +106,10 @@ class SlotManager:
             raise RuntimeError(f"cannot shrink to {n_slots} slots: {len(busy)} are in use")
         resident = [s for s in range(self.n_slots) if self.adapter_of[s] is not None]
         rank = sorted(
-            resident, key=lambda s: (self.users[s] == 0, self.adapter_of[s] not in self.pinned, -self.last_used[s])
+            resident, key=lambda s: (self.users[s] == 0, not self.protected(self.adapter_of[s]), -self.last_used[s])
         )
         keep = sorted(rank[:n_slots])
-        evicted = [self.adapter_of[s] for s in rank[n_slots:]]
+        evicted = [a for a in (self.adapter_of[s] for s in rank[n_slots:]) if a is not None]
         old = (self.adapter_of, self.users, self.last_used)
         self.n_slots = n_slots
         self.adapter_of = [old[0][s] for s in keep] + [None] * (n_slots - len(keep))

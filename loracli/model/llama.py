@@ -119,7 +119,7 @@ class CausalLM:
         max_rank: int,
         max_len: int,
     ):
-        self.spec, self.dtype, self.device = spec, dtype, device
+        self.spec, self.dtype, self.device, self.max_rank = spec, dtype, device, max_rank
 
         def take(name: str) -> torch.Tensor:
             return state.pop(name).to(device=device, dtype=dtype).contiguous()
@@ -193,7 +193,7 @@ class CausalLM:
 
     def slot_bytes(self) -> int:
         """Bytes of one adapter slot across every LoRA linear (A and B at max rank)."""
-        return sum(lin.slot_bytes() for _, lin in self.linears())
+        return self.spec.slot_bytes(self.max_rank, self.dtype.itemsize)
 
     def resize_slots(self, n_slots: int, keep: list[int]) -> None:
         for _, lin in self.linears():

@@ -91,10 +91,6 @@ class MultiLoraLinear:
             self.weight.copy_(self.saved)
             self.saved = None
 
-    def slot_bytes(self) -> int:
-        elem = self.weight.element_size()
-        return sum(self.max_rank * (self.in_features + n) * elem for n in self.splits)
-
     def set_slot(self, slot: int, j: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Write sub-projection j of `slot`: a [r, in], b [n_j, r] (scaled), or clear it when None."""
         r = 0 if a is None else a.shape[0]

@@ -2,6 +2,11 @@
 
 Supported families: Llama, Mistral, Qwen2 (decoder-only, RMSNorm, RoPE, SwiGLU MLP, GQA,
 optional q/k/v bias, tied or untied embeddings). Anything else raises `ModelError`.
+
+What LoRA costs on such a model, one formula for the engine and `inspect-adapter`: a pair
+A `[r, in]`, B `[out, r]` takes `lora_pair_bytes(r, in, out, dtype_bytes)` = r * (in + out) *
+dtype_bytes, and one engine adapter slot at rank R holds a pair for every target module of every
+layer, whatever an adapter targets: `ModelSpec.slot_bytes(R, dtype_bytes)` (`SLOT_BYTES_FORMULA`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,12 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 TARGET_MODULES = ATTN_MODULES + MLP_MODULES
+SLOT_BYTES_FORMULA = "sum over layers and the 7 modules q,k,v,o,gate,up,down of R*(in+out)*dtype_bytes"
+
+
+def lora_pair_bytes(rank: int, fan_in: int, fan_out: int, dtype_bytes: int) -> int:
+    """Bytes of one LoRA pair: A `[rank, fan_in]` and B `[fan_out, rank]`."""
+    return rank * (fan_in + fan_out) * dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,11 @@ class ModelSpec:
             "down_proj": (self.intermediate, self.hidden),
         }
         return shapes[module]
+
+    def slot_bytes(self, rank: int, dtype_bytes: int) -> int:
+        """Bytes of one engine adapter slot at `rank`: `SLOT_BYTES_FORMULA`."""
+        per_layer = sum(lora_pair_bytes(rank, *self.module_shape(m), dtype_bytes) for m in TARGET_MODULES)
+        return self.num_layers * per_layer
 
     @staticmethod
     def module_path(layer: int, module: str) -> str:

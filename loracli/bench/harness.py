@@ -22,10 +22,13 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..config import EngineConfig
 from ..errors import ConfigError
+from .protocol import Job, Measurement
 from .report import BenchReport, Point, compare, summarize
 from .roofline import flops_per_token, probe
-from .systems import Job, Measurement, SystemSpec, lora_rank_limit, parse_systems, vllm_missing
+from .system_names import SystemSpec, parse_systems
+from .systems.vllm import vllm_missing
 from .workload import (
     BenchRequest,
     PromptMaker,
@@ -44,6 +47,7 @@ from .workload import (
 )
 
 DEFAULT_SYSTEMS = "loracli,peft-mixed,base"
+DEFAULT_MAX_LORA_RANK = EngineConfig().max_lora_rank
 
 
 @dataclass
@@ -121,8 +125,7 @@ def eos_ids(tokenizer, folder: Path) -> list[int]:
 def make_context(options: BenchOptions) -> Context:
     import torch
 
-    from ..config import EngineConfig
-    from ..engine.engine import resolve_device, resolve_dtype
+    from ..devices import resolve_device, resolve_dtype
     from ..model.loader import load_config, load_tokenizer
     from ..model_source import default_model_name, resolve_model
 
@@ -221,6 +224,14 @@ def build_workload(
     return Workload(requests, folder, options.ignore_eos, description, [s.to_dict() for s in specs])
 
 
+def lora_rank_limit(max_rank: int) -> int:
+    """The engine's `max_lora_rank` for a workload: the default, or the next power of two above a larger rank."""
+    limit = DEFAULT_MAX_LORA_RANK
+    while limit < max_rank:
+        limit *= 2
+    return limit
+
+
 def job_for(ctx: Context, system: SystemSpec, workload: Workload, options: BenchOptions) -> Job:
     from ..adapters import read_adapter_config
 
@@ -273,7 +284,7 @@ def run_here(job: Job) -> Measurement:
     return measure(job)
 
 
-def token_flops(ctx: Context, workload: Workload, specs: list[WorkloadSpec]) -> dict:
+def token_flops(ctx: Context, workload: Workload) -> dict:
     from ..adapters import read_adapter_config
 
     reqs = workload.requests
@@ -354,7 +365,7 @@ def run_bench(options: BenchOptions, log=lambda message: None) -> BenchReport:
                 log(f"== {label}")
             workload = build_workload(ctx, options, specs, real, root, maker)
             results = run_point(ctx, options, workload, log)
-            flops = token_flops(ctx, workload, specs)
+            flops = token_flops(ctx, workload)
             out_points.append(Point(label, value, workload.to_dict(), flops, results))
     finally:
         if root is not None:

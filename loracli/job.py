@@ -1,4 +1,4 @@
-"""`run_file`: what `loracli run` does, as a library call — stream an input through the engine
+"""`run_job`: what `loracli run` does, as a library call — stream an input through the engine
 into a results file that never loses work, with progress on stderr and a summary at the end.
 
 Contract:
@@ -6,7 +6,7 @@ Contract:
   whole line each (`outputs.ResultWriter`); nothing else grows with the input but the id
   tables of `resume.Ledger`.
 - Every line is accounted for: an answer, an error record (in the output, or in
-  `RunOptions.errors_path`), or a note on stderr (blank lines). Unknown fields are warned about
+  `JobOptions.errors_path`), or a note on stderr (blank lines). Unknown fields are warned about
   once per field name.
 - Rerunning with the same output resumes (`resume.py`: sidecar check, repair, what is redone);
   `overwrite` starts over. A foreign or mismatched output is refused before the model loads.
@@ -32,31 +32,24 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .cluster.pool import ClusterOptions
+from .cluster.options import ClusterOptions
 from .config import EngineConfig
-from .engine.engine import Engine, Result
-from .engine.sequence import SamplingParams
+from .engine_api import BatchEngine
 from .errors import ConfigError
 from .input_sources import Blank, check_input, count_records, display_name, read_items
 from .outputs import ResultWriter
 from .requests import FieldMap, RecordError, Request
-from .resume import Ledger, RunIdentity, Settled, fingerprint, plan_output, repair, write_sidecar
+from .results import Failure, Result
+from .resume import JobIdentity, Ledger, Settled, fingerprint, plan_output, repair, write_sidecar
+from .sampling import SamplingParams
 from .signals import ForcedStop, StopSignals, signal_name
 
 PREFLIGHT_BATCH = 256  # records checked per call under --strict (one remote call each with --ray)
 SHOWN_PROBLEMS = 20  # failed records printed on stderr before only counting them (all with --strict)
-ENGINE_ERROR_FIELDS = {
-    "unknown_adapter": "adapter",
-    "adapter_error": "adapter",
-    "prompt_too_long": "prompt",
-    "max_tokens_too_large": "max_tokens",
-    "too_large_for_cache": "max_tokens",
-    "bad_request": "prompt",
-}
 
 
 @dataclass
-class RunOptions:
+class JobOptions:
     stats_path: str | None = None
     errors_path: str | None = None
     overwrite: bool = False
@@ -68,7 +61,7 @@ class RunOptions:
 
 
 @dataclass
-class RunSummary:
+class JobSummary:
     requests: int = 0  # records answered or failed by this run
     succeeded: int = 0
     failed: int = 0  # of `requests`, including `invalid`
@@ -119,7 +112,7 @@ def with_seed(req: Request, run_seed: int) -> Request:
     return replace(req, params={**req.params, "seed": request_seed(run_seed, req.id)})
 
 
-def run_identity(input_path: str, config: EngineConfig, defaults: SamplingParams, options: RunOptions) -> RunIdentity:
+def job_identity(input_path: str, config: EngineConfig, defaults: SamplingParams, options: JobOptions) -> JobIdentity:
     model = config.model or "default"
     if Path(model).exists():
         model = str(Path(model).resolve())
@@ -136,7 +129,7 @@ def run_identity(input_path: str, config: EngineConfig, defaults: SamplingParams
     }
     errors = str(Path(options.errors_path).resolve()) if options.errors_path else None
     source = input_path if input_path == "-" else str(Path(input_path).resolve())
-    return RunIdentity(source, fingerprint(input_path), opts, errors, list(options.command))
+    return JobIdentity(source, fingerprint(input_path), opts, errors, list(options.command))
 
 
 class Notes:
@@ -179,17 +172,24 @@ class Notes:
             self.say(f"{file}: {self.blanks} blank lines skipped")
 
 
-def validate(items: Iterable, file: str, engine: Engine, notes: Notes, stop: StopSignals | None = None) -> int:
-    """--strict: check every record (streaming), print each problem; returns how many there were."""
+def validate(
+    items: Iterable,
+    file: str,
+    engine: BatchEngine,
+    notes: Notes,
+    stop: StopSignals | None = None,
+    defaults: SamplingParams | None = None,
+) -> int:
+    """A strict job: check every record (streaming), print each problem; returns how many there were."""
     ledger = Ledger(file)
     count = 0
     batch: list[Request] = []
 
     def check() -> int:
         found = 0
-        for req, reason in zip(batch, engine.preflight_many(batch), strict=True):
-            if reason is not None:
-                notes.problem(f"{file}:{req.line}: {reason}")
+        for req, failure in zip(batch, engine.preflight_many(batch, defaults), strict=True):
+            if failure is not None:
+                notes.problem(where(req, failure, file))
                 found += 1
         batch.clear()
         return found
@@ -200,6 +200,8 @@ def validate(items: Iterable, file: str, engine: Engine, notes: Notes, stop: Sto
         if isinstance(item, Blank):
             continue
         checked = ledger.decide(item)
+        if checked is None:  # a fresh ledger settles nothing; only a resumed one skips records
+            continue
         if isinstance(checked, RecordError):
             notes.problem(str(checked))
             count += 1
@@ -211,7 +213,7 @@ def validate(items: Iterable, file: str, engine: Engine, notes: Notes, stop: Sto
     return count + check()
 
 
-def _prepare_output(mode: str, output: str, options: RunOptions, identity: RunIdentity, notes: Notes) -> Settled:
+def _prepare_output(mode: str, output: str, options: JobOptions, identity: JobIdentity, notes: Notes) -> Settled:
     settled = Settled()
     files = [p for p in (output, options.errors_path) if p is not None and p != "-"]
     for path in files:
@@ -235,29 +237,29 @@ def _resume_note(output: str, settled: Settled) -> str:
     return ", ".join(parts)
 
 
-def run_file(
+def run_job(
     input_path: str,
     output_path: str,
     config: EngineConfig,
     defaults: SamplingParams,
     stats_path: str | None = None,
     console: Console | None = None,
-    options: RunOptions | None = None,
-    engine: Engine | None = None,
-) -> RunSummary:
+    options: JobOptions | None = None,
+    engine: BatchEngine | None = None,
+) -> JobSummary:
     """Run every record of `input_path` into `output_path` (see the module doc). `engine`: reuse one."""
     console = console or Console(stderr=True)
-    options = options or RunOptions()
+    options = options or JobOptions()
     if stats_path is not None:
         options = replace(options, stats_path=stats_path)
     config = engine.config if engine is not None else config
     check_input(input_path)
-    identity = run_identity(input_path, config, defaults, options)
+    identity = job_identity(input_path, config, defaults, options)
     mode = plan_output(output_path, input_path, options.errors_path, identity, options.overwrite)
-    summary = RunSummary(mode=mode)
+    summary = JobSummary(mode=mode)
     with StopSignals(options.exit_after_stop) as stop:
         try:
-            _run(input_path, output_path, config, defaults, options, console, engine, identity, summary, stop)
+            _with_engine(input_path, output_path, config, defaults, options, console, engine, identity, summary, stop)
         except ForcedStop:
             summary.forced = True
         summary.interrupted = stop.requested
@@ -268,16 +270,16 @@ def run_file(
     return summary
 
 
-def _run(
+def _with_engine(
     input_path: str,
     output_path: str,
     config: EngineConfig,
     defaults: SamplingParams,
-    options: RunOptions,
+    options: JobOptions,
     console: Console,
-    engine: Engine | None,
-    identity: RunIdentity,
-    summary: RunSummary,
+    engine: BatchEngine | None,
+    identity: JobIdentity,
+    summary: JobSummary,
     stop: StopSignals,
 ) -> None:
     t0 = time.perf_counter()
@@ -285,34 +287,35 @@ def _run(
     engine = engine or _make_engine(config, options, console)
     summary.load_seconds = time.perf_counter() - t0
     try:
-        _stream_file(input_path, output_path, defaults, options, console, engine, identity, summary, stop)
+        _stream_job(input_path, output_path, defaults, options, console, engine, identity, summary, stop)
     finally:
-        if owned and hasattr(engine, "close"):
+        if owned:
             engine.close()
 
 
-def _make_engine(config: EngineConfig, options: RunOptions, console: Console):
+def _make_engine(config: EngineConfig, options: JobOptions, console: Console) -> BatchEngine:
     """A local `Engine`, or with `options.cluster` a `RayPool` of engine replicas (same interface)."""
     if options.cluster is None:
+        from .engine.engine import Engine
+
         return Engine(config, progress=True)
     from .cluster.pool import RayPool
 
     return RayPool(config, options.cluster, log=lambda m: console.print(escape(m), highlight=False, soft_wrap=True))
 
 
-def _stream_file(
+def _stream_job(
     input_path: str,
     output_path: str,
     defaults: SamplingParams,
-    options: RunOptions,
+    options: JobOptions,
     console: Console,
-    engine: Engine,
-    identity: RunIdentity,
-    summary: RunSummary,
+    engine: BatchEngine,
+    identity: JobIdentity,
+    summary: JobSummary,
     stop: StopSignals,
 ) -> None:
-    summary.model, summary.device = engine.model_name, str(engine.device)
-    summary.dtype = str(engine.dtype).replace("torch.", "")
+    summary.model, summary.device, summary.dtype = engine.model_name, engine.device_name, engine.dtype_name
     file = display_name(input_path)
     if options.strict:
         problems = validate(
@@ -321,9 +324,10 @@ def _stream_file(
             engine,
             Notes(console, show_problems=None),
             stop,
+            defaults,
         )
         if problems and not stop.requested:
-            raise ConfigError(f"{problems} problem(s) in {file}; nothing was run (--strict)")
+            raise ConfigError(f"{problems} problem(s) in {file}; nothing was run (strict)", fields=("strict",))
     if stop.requested:
         return
     notes = Notes(console)
@@ -333,22 +337,24 @@ def _stream_file(
     summary.failed_before = settled.input_errors
     summary.retried = settled.retried
     summary.repaired_lines = settled.torn + settled.foreign
-    run = _Run(engine, Ledger(file, settled), notes, summary, file, stop)
+    loop = _JobLoop(engine, Ledger(file, settled), notes, summary, file, stop)
     total = count_records(input_path) if console.is_terminal else None
     items = read_items(input_path, engine.base_names, options.fields)
     writer = ResultWriter(output_path, engine.model_name, append=True, errors_path=options.errors_path)
     try:
         with writer:
-            run.stream(items, writer, defaults, console, total)
+            loop.stream(items, writer, defaults, console, total)
     finally:
         notes.close(file)
         _finish_summary(engine, summary)
 
 
-class _Run:
+class _JobLoop:
     """The streaming loop of one run: input items -> ledger -> engine -> writer."""
 
-    def __init__(self, engine: Engine, ledger: Ledger, notes: Notes, summary: RunSummary, file: str, stop: StopSignals):
+    def __init__(
+        self, engine: BatchEngine, ledger: Ledger, notes: Notes, summary: JobSummary, file: str, stop: StopSignals
+    ):
         self.engine = engine
         self.ledger = ledger
         self.notes = notes
@@ -384,7 +390,7 @@ class _Run:
                 for result in engine.generate(self.admitted(items, writer), defaults):
                     result = locate(result, self.file)
                     if result.error is not None:
-                        self.notes.problem(result.error[1])
+                        self.notes.problem(result.error.message)
                     writer.write(result)
                     _count(summary, result.error is not None)
                     summary.completion_tokens += result.completion_tokens
@@ -423,28 +429,32 @@ class _Run:
             self.advance()
 
 
-def locate(result: Result, file: str) -> Result:
-    """An engine failure's message, prefixed with its file, line and field, like a bad record's."""
-    req = result.request
-    if result.error is None or req is None:
-        return result
-    kind, message = result.error
-    fld = ENGINE_ERROR_FIELDS.get(kind)
+def where(req: Request, failure: Failure, file: str) -> str:
+    """A failure's message prefixed with its file, line and field, like a bad record's; the field as
+    the record's form spells it (`messages` for a chat prompt, `body.` for an OpenAI Batch line)."""
+    fld = failure.field
     if fld == "prompt" and req.messages is not None:
         fld = "messages"
     if fld is not None and req.form == "openai":
         fld = "body.model" if fld == "adapter" else f"body.{fld}"
-    where = f"{file}:{req.line}" + (f": field '{fld}'" if fld else "")
-    return replace(result, error=(kind, f"{where}: {message}"))
+    return f"{file}:{req.line}" + (f": field '{fld}'" if fld else "") + f": {failure.message}"
 
 
-def _count(summary: RunSummary, failed: bool) -> None:
+def locate(result: Result, file: str) -> Result:
+    """An engine failure's message, prefixed with its file, line and field (see `where`)."""
+    req = result.request
+    if result.error is None or req is None:
+        return result
+    return replace(result, error=result.error._replace(message=where(req, result.error, file)))
+
+
+def _count(summary: JobSummary, failed: bool) -> None:
     summary.requests += 1
     summary.failed += failed
     summary.succeeded += not failed
 
 
-def _finish_summary(engine: Engine, summary: RunSummary) -> None:
+def _finish_summary(engine: BatchEngine, summary: JobSummary) -> None:
     c = engine.counters()
     summary.prompt_tokens = c.prompt_tokens
     summary.tokens_per_second = summary.completion_tokens / max(summary.wall_seconds, 1e-9)
@@ -461,7 +471,7 @@ def _finish_summary(engine: Engine, summary: RunSummary) -> None:
     summary.cluster = reports.get("cluster", {})
 
 
-def summary_line(summary: RunSummary, output: str) -> str:
+def summary_line(summary: JobSummary, output: str) -> str:
     """The one-line report `loracli run` prints at the end."""
     text = (
         f"{summary.succeeded}/{summary.requests} requests ok, {summary.completion_tokens} tokens in "
@@ -476,7 +486,7 @@ def summary_line(summary: RunSummary, output: str) -> str:
     return text + ("" if output == "-" else f" -> {output}")
 
 
-def stop_message(summary: RunSummary, output: str, command: str) -> str:
+def stop_message(summary: JobSummary, output: str, command: str) -> str:
     """What an interrupted run prints: what was kept, and the command that finishes it."""
     how = "stopped at once" if summary.forced else "stopped after finishing the requests in flight"
     text = f"{signal_name(summary.interrupted or 2)}: {how}; {summary.requests} results written this run"

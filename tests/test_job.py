@@ -182,30 +182,31 @@ def test_out_of_memory_backs_off_and_gives_the_same_results(engine, llama_dir, l
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(24))
     run(engine, inp, tmp_path / "ref.jsonl", max_tokens=5)
     squeezed = tiny_engine(llama_dir, llama_adapters)
-    real_run = squeezed.runner.run
+    real_run = squeezed.model_runner.run
 
     def small_memory(seqs, is_prefill):
         if len(seqs) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_run(seqs, is_prefill)
 
-    monkeypatch.setattr(squeezed.runner, "run", small_memory)
+    monkeypatch.setattr(squeezed.model_runner, "run", small_memory)
     summary = run(squeezed, inp, tmp_path / "out.jsonl", max_tokens=5)
     assert summary.failed == 0 and summary.oom_backoffs >= 2
-    assert squeezed.config.max_num_seqs <= 2
+    assert squeezed.scheduler.max_num_seqs <= 2  # the live limit is the scheduler's
+    assert squeezed.config.max_num_seqs == 8  # the config stays as given (tests/runs.py)
     assert by_key(read_output(tmp_path / "out.jsonl")) == by_key(read_output(tmp_path / "ref.jsonl"))
 
 
 def test_persistent_out_of_memory_fails_requests_not_the_run(llama_dir, tmp_path, monkeypatch):
     eng = tiny_engine(llama_dir)
-    real_run = eng.runner.run
+    real_run = eng.model_runner.run
 
     def no_memory(seqs, is_prefill):
         if any(s.request_id == "r1" for s in seqs):
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB")
         return real_run(seqs, is_prefill)
 
-    monkeypatch.setattr(eng.runner, "run", no_memory)
+    monkeypatch.setattr(eng.model_runner, "run", no_memory)
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(6, adapters=(None,)))
     summary = run(eng, inp, tmp_path / "out.jsonl")
     recs = by_key(read_output(tmp_path / "out.jsonl"))
@@ -215,7 +216,7 @@ def test_persistent_out_of_memory_fails_requests_not_the_run(llama_dir, tmp_path
 
 def test_other_engine_exceptions_are_not_swallowed(llama_dir, tmp_path, monkeypatch):
     eng = tiny_engine(llama_dir)
-    monkeypatch.setattr(eng.runner, "run", lambda seqs, is_prefill: (_ for _ in ()).throw(ValueError("bug")))
+    monkeypatch.setattr(eng.model_runner, "run", lambda seqs, is_prefill: (_ for _ in ()).throw(ValueError("bug")))
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(2, adapters=(None,)))
     with pytest.raises(ValueError, match="bug"):
         run(eng, inp, tmp_path / "out.jsonl")

@@ -1,0 +1,44 @@
+"""Which device and dtype a run uses: `resolve_device("auto")`, `resolve_dtype("auto", device)`.
+
+One place for the rule, shared by the engine, `inspect-adapter` and `bench`. torch is imported
+when a function is called, so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    fast_bf16 = any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+    return torch.bfloat16 if fast_bf16 else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> "bfloat16"."""
+    return str(dtype).replace("torch.", "")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text

@@ -1,0 +1,117 @@
+"""Pickled weights (`pytorch_model.bin`, `.pt`, `.pth`) → safetensors, without running pickled code.
+
+Contract: `pickle_weight_files(folder)` lists a model folder's pickled weight files (from
+`pytorch_model.bin.index.json` when present; training state such as `optimizer.pt` or `rng_state*`
+is never counted as weights) and returns `[]` when there are none. `convert_pickle(folder,
+weight_files, dest)` copies the folder's other files into the existing folder `dest` and writes the
+weights as safetensors with their dtypes kept: one `model.safetensors`, or one shard per pickle
+file plus `model.safetensors.index.json`. Pickles are loaded with `torch.load(weights_only=True)`;
+one holding more than tensors, or not a state dict of named tensors, is a one-line `ModelError`.
+A tied `lm_head.weight` is left out (it is re-tied on load). torch and safetensors are imported
+only inside the conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from loracli.errors import ModelError
+from loracli.model_source.model_folder import SAFETENSORS_INDEX, read_index
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
+
+
+def pickle_weight_files(folder: Path) -> list[Path]:
+    index = folder / PICKLE_INDEX
+    if index.is_file():
+        return [folder / name for name in sorted(set(read_index(index).values()))]
+    if (folder / "pytorch_model.bin").is_file():
+        return [folder / "pytorch_model.bin"]
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and p.suffix in PICKLE_SUFFIXES
+        and p.name not in NOT_WEIGHTS
+        and not p.name.startswith("rng_state")
+    )
+
+
+def convert_pickle(folder: Path, weight_files: list[Path], dest: Path) -> None:
+    """Copy the folder's other files and rewrite its pickled weights as safetensors, dtypes kept."""
+    _copy_other_files(folder, {p.name for p in weight_files} | {PICKLE_INDEX}, dest)
+    tied = bool(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("tie_word_embeddings"))
+    weight_map, total = _write_shards(weight_files, tied, dest)
+    if len(weight_files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (dest / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy_other_files(folder: Path, skipped: set[str], dest: Path) -> None:
+    for item in folder.iterdir():
+        if item.is_file() and item.name not in skipped:
+            shutil.copy2(item, dest / item.name)
+
+
+def _write_shards(weight_files: list[Path], tied: bool, dest: Path) -> tuple[dict[str, str], int]:
+    """One safetensors file per pickle file; returns the weight map and the total size in bytes."""
+    count = len(weight_files)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for number, source in enumerate(weight_files, start=1):
+        name = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+        tensors = _safetensors_ready(_load_pickle_state_dict(source), tied)
+        _save_safetensors(tensors, dest / name)
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    return weight_map, total
+
+
+def _load_pickle_state_dict(path: Path) -> dict[str, object]:
+    import pickle
+
+    import torch
+
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(f"{path}: holds more than tensors; refusing to unpickle it") from exc
+    candidates = [loaded]
+    if isinstance(loaded, dict):
+        candidates += [loaded.get("state_dict"), loaded.get("model")]
+    for candidate in candidates:
+        if _is_tensor_dict(candidate, torch.Tensor):
+            return candidate
+    raise ModelError(f"{path}: not a state dict of named tensors")
+
+
+def _is_tensor_dict(candidate: object, tensor_type: type) -> bool:
+    return (
+        isinstance(candidate, dict)
+        and bool(candidate)
+        and all(isinstance(k, str) and isinstance(v, tensor_type) for k, v in candidate.items())
+    )
+
+
+def _safetensors_ready(state: dict[str, object], tied: bool) -> dict[str, object]:
+    """Contiguous tensors with no shared storage; a tied lm_head is left out (it is re-tied on load)."""
+    ready: dict[str, object] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, tensor in state.items():
+        if tied and key.split(".")[-2:] == ["lm_head", "weight"]:
+            continue
+        storage = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        tensor = tensor.contiguous()
+        ready[key] = tensor.clone() if storage in seen and tensor.numel() else tensor
+        seen.add(storage)
+    return ready
+
+
+def _save_safetensors(tensors: dict[str, object], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})

@@ -1,0 +1,71 @@
+"""What an engine hands back: one `Result` per request, and `Counters` of the work it did.
+
+Plain data (no torch): the output writer, the resume planner, the job and the Ray driver all
+read these without importing the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .errors import InputError
+from .requests import Request
+
+
+class Failure(NamedTuple):
+    """Why a request failed: `kind` (a stable code), a one-line `message`, and the request
+    `field` it concerns (None when no single field is at fault)."""
+
+    kind: str
+    message: str
+    field: str | None = None
+
+
+@dataclass
+class Result:
+    request: Request | None
+    id: str
+    adapter: str | None
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Failure | None = None
+    token_ids: list[int] = field(default_factory=list)
+    arrival: float = 0.0
+    first_token: float | None = None
+    finished: float = 0.0
+    wait_steps: int | None = None  # engine steps from arrival to first admission
+
+
+@dataclass
+class Counters:
+    """What one engine did so far; a pool of workers (`cluster/pool.py`) sums its engines' counters."""
+
+    prompt_tokens: int = 0
+    steps: int = 0
+    prefill_steps: int = 0
+    oom_backoffs: int = 0
+    preemptions: int = 0
+    disk_loads: int = 0  # adapters read from disk into the CPU cache
+    disk_bytes: int = 0
+    cpu_hits: int = 0
+    slot_activations: int = 0  # adapters written into a device slot (swaps in)
+    slot_evictions: int = 0
+    per_adapter: dict[str, int] = field(default_factory=dict)  # finished requests per adapter ("<base>")
+
+    def add(self, other: Counters) -> None:
+        for name, value in vars(other).items():
+            if name == "per_adapter":
+                for key, n in value.items():
+                    self.per_adapter[key] = self.per_adapter.get(key, 0) + n
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+
+def input_error_result(error: InputError) -> Result:
+    """The result for an input record that could not be read: its id is its line number."""
+    now = time.perf_counter()
+    return Result(None, str(error.line), None, error=Failure("invalid_request", str(error)), arrival=now, finished=now)
