@@ -39,7 +39,7 @@ from .errors import ConfigError
 from .input_sources import Blank, check_input, count_records, display_name, read_items
 from .outputs import ResultWriter
 from .requests import FieldMap, RecordError, Request
-from .results import Failure, Result
+from .results import Counters, Failure, Result
 from .resume import JobIdentity, Ledger, Settled, fingerprint, plan_output, repair, write_sidecar
 from .sampling import SamplingParams
 from .signals import ForcedStop, StopSignals, signal_name
@@ -66,19 +66,11 @@ class JobSummary:
     succeeded: int = 0
     failed: int = 0  # of `requests`, including `invalid`
     invalid: int = 0  # lines that could not be read or were duplicates
-    prompt_tokens: int = 0
     completion_tokens: int = 0
     wall_seconds: float = 0.0
     load_seconds: float = 0.0
     tokens_per_second: float = 0.0
-    per_adapter: dict[str, int] = field(default_factory=dict)
-    adapter_disk_loads: int = 0
-    adapter_cpu_hits: int = 0
-    slot_activations: int = 0
-    slot_evictions: int = 0
-    preemptions: int = 0
-    steps: int = 0
-    oom_backoffs: int = 0
+    counters: Counters = field(default_factory=Counters)  # the engine's (a pool's: summed over its workers)
     model: str = ""
     dtype: str = ""
     device: str = ""
@@ -456,16 +448,8 @@ def _count(summary: JobSummary, failed: bool) -> None:
 
 def _finish_summary(engine: BatchEngine, summary: JobSummary) -> None:
     c = engine.counters()
-    summary.prompt_tokens = c.prompt_tokens
+    summary.counters = replace(c, per_adapter=dict(sorted(c.per_adapter.items())))
     summary.tokens_per_second = summary.completion_tokens / max(summary.wall_seconds, 1e-9)
-    summary.per_adapter = dict(sorted(c.per_adapter.items()))
-    summary.adapter_disk_loads = c.disk_loads
-    summary.adapter_cpu_hits = c.cpu_hits
-    summary.slot_activations = c.slot_activations
-    summary.slot_evictions = c.slot_evictions
-    summary.preemptions = c.preemptions
-    summary.steps = c.steps
-    summary.oom_backoffs = c.oom_backoffs
     reports = engine.reports()
     summary.slots, summary.merges = reports["slots"], reports["merges"]
     summary.cluster = reports.get("cluster", {})

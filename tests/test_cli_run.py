@@ -82,7 +82,7 @@ def test_run_native_and_openai_forms(tmp_path, llama_dir, llama_adapters):
     assert recs["bad"]["error"]["type"] == "unknown_adapter" and "nope" in recs["bad"]["error"]["message"]
     s = json.loads(stats.read_text())
     assert s["requests"] == 5 and s["failed"] == 1 and s["completion_tokens"] == 15
-    assert s["per_adapter"] == {"<base>": 2, "attn4": 1, "mlp8": 1}
+    assert s["counters"]["per_adapter"] == {"<base>": 2, "attn4": 1, "mlp8": 1}
     assert stdout_is_clean(p.stdout)
 
 

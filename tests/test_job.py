@@ -191,7 +191,7 @@ def test_out_of_memory_backs_off_and_gives_the_same_results(engine, llama_dir, l
 
     monkeypatch.setattr(squeezed.model_runner, "run", small_memory)
     summary = run(squeezed, inp, tmp_path / "out.jsonl", max_tokens=5)
-    assert summary.failed == 0 and summary.oom_backoffs >= 2
+    assert summary.failed == 0 and summary.counters.oom_backoffs >= 2
     assert squeezed.scheduler.max_num_seqs <= 2  # the live limit is the scheduler's
     assert squeezed.config.max_num_seqs == 8  # the config stays as given (tests/runs.py)
     assert by_key(read_output(tmp_path / "out.jsonl")) == by_key(read_output(tmp_path / "ref.jsonl"))

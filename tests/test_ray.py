@@ -105,9 +105,9 @@ def test_two_workers_match_one_process_and_affinity_loads_fewer_adapters(local_r
         per_worker = cluster["per_worker"]
         assert [w["requests"] for w in per_worker] and sum(w["requests"] for w in per_worker) == 96
         assert all(w["requests"] > 0 for w in per_worker), per_worker  # both workers did work
-        assert summary.adapter_disk_loads == sum(w["adapters_loaded"] for w in per_worker)
+        assert summary.counters.disk_loads == sum(w["adapters_loaded"] for w in per_worker)
         assert cluster["adapter_bytes_read"] > 0 and cluster["request_bytes_sent"] > 0
-        loads[routing] = summary.adapter_disk_loads
+        loads[routing] = summary.counters.disk_loads
         clusters[routing] = cluster
     print(loads, {k: (v["stolen"], v["starved"]) for k, v in clusters.items()})
     # Round-robin: request k to worker k mod 2; each worker loads each distinct adapter it gets once (caches of 8).

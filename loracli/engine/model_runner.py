@@ -42,11 +42,6 @@ class ModelRunner:
             lin.unmerge()
         self.merged = None
 
-    def clear_slot(self, slot: int) -> None:
-        for _, lin in self.model.linears():
-            for j in range(len(lin.names)):
-                lin.set_slot(slot, j, None, None)
-
     def slot_of(self, seq: Sequence) -> int:
         """The slot whose LoRA the sequence gets this step: -1 when its adapter is merged."""
         return -1 if self.merged is not None and seq.adapter == self.merged else seq.slot
