@@ -7,15 +7,19 @@
 The exact semantics and shapes are in `reference` (the spec every backend is tested against).
 
 Backends: Triton kernels (`triton_ops`) for CUDA tensors, grouped GEMMs in torch (`torch_ops`)
-for CPU tensors. `LORACLI_LORA_BACKEND=reference|torch|triton` forces one (read at every call).
-Forcing `triton` with CPU tensors runs the kernels in Triton's interpreter: TRITON_INTERPRET=1,
-which must be set before triton is first imported, so it is set here when triton is not imported
-yet (for tests; the interpreter is slow). Triton is imported only when its backend is first used,
-so this package imports where Triton is absent.
+for CPU tensors, and for CUDA tensors too where Triton is not installed (it comes with the `gpu`
+extra; a one-time warning says so). `LORACLI_LORA_BACKEND=reference|torch|triton` forces one
+(read at every call). Forcing `triton` with CPU tensors runs the kernels in Triton's interpreter:
+TRITON_INTERPRET=1, which must be set before triton is first imported, so it is set here when
+triton is not imported yet (for tests; the interpreter is slow). Triton is imported only when its
+backend is first used, so this package imports where Triton is absent.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -39,7 +43,18 @@ def backend_for(t: torch.Tensor) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
         return forced
-    return "triton" if t.is_cuda else "torch"
+    return "triton" if t.is_cuda and _triton_installed() else "torch"
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    """Whether Triton can be imported (checked once, without importing it); warns once if not."""
+    if importlib.util.find_spec("triton") is not None:
+        return True
+    logging.getLogger("loracli").warning(
+        "Triton is not installed: LoRA ops on CUDA run in torch (pip install 'loracli[gpu]' for the kernels)"
+    )
+    return False
 
 
 def _triton_ops(t: torch.Tensor) -> ModuleType:

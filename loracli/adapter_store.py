@@ -3,7 +3,8 @@
 `get(name)` returns the adapter's `LoraWeights` from the CPU cache (a hit) or loads, validates
 and scales it from disk (a load), evicting the least recently used cached adapter beyond
 `max_cpu_loras`. A failure is remembered, so later requests for a broken adapter fail at once
-with the same one-line reason and no disk read.
+with the same one-line reason and no disk read. `refuse_base_names` refuses, at engine start,
+an adapter folder named like the base model (Batch lines could not reach it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,21 @@ class StoreStats:
 def adapter_names(folder: Path) -> list[str]:
     """The adapters of an adapters folder: its subfolders' names, sorted."""
     return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def refuse_base_names(folder: str | Path | None, base_names: frozenset[str]) -> None:
+    """Raise `ConfigError` for an adapter folder named like the base model (`base`, the model's
+    name): OpenAI Batch lines naming it get the base model, so no line could ever reach it."""
+    if folder is None or not Path(folder).is_dir():
+        return  # no adapters, or a bad folder the store refuses
+    clashes = [str(Path(folder) / name) for name in adapter_names(Path(folder)) if name in base_names]
+    if clashes:
+        names = ", ".join(repr(n) for n in sorted(base_names))
+        raise ConfigError(
+            f"adapters_dir: adapter folder {', '.join(clashes)} has a name that means the base model in "
+            f"Batch lines ({names}), so no line could reach it; rename the folder",
+            fields=("adapters_dir",),
+        )
 
 
 class AdapterStore:

@@ -8,10 +8,19 @@ format); its name is the folder name. Pickle weights (`adapter_model.bin`) are r
 matrix with the scale folded in, `scale * B` `[out, r]`, where scale = alpha / r, or
 alpha / sqrt(r) with rsLoRA, r and alpha taken per module (rank_pattern / alpha_pattern, as
 PEFT resolves them). Unsupported features (DoRA, LoRA bias, embedding / lm_head targets,
-modules_to_save) and incompatibilities (unknown module, shape mismatch, rank above
-`max_lora_rank`) raise `AdapterError` naming the file, one line. Messages name configuration
-fields, never flags (`max_lora_rank`, `allow_pickle`: `MESSAGE_FIELDS`), and list them in the
-error's `fields` (`fields_named`); `spell_fields` rewrites them for a reader, e.g. into flags.
+modules_to_save), incompatibilities (unknown module, shape mismatch, rank above `max_lora_rank`)
+and NaN or infinite weights raise `AdapterError` naming the file, one line. Messages name
+configuration fields, never flags (`max_lora_rank`, `allow_pickle`: `MESSAGE_FIELDS`), and list
+them in the error's `fields` (`fields_named`); `spell_fields` rewrites them for a reader, e.g. into flags.
+
+One rule for `loracli run` and `inspect-adapter`: both call `check_tensors` (what is refused:
+`Findings.problems`; what is served but worth a word: `Findings.warnings`) and `nonfinite_problem`.
+The rule follows what PEFT does when it loads the adapter:
+- a pair whose rank differs from the config's (`r`, `rank_pattern`) is refused (PEFT: size mismatch);
+- a plain `target_modules` name with no weights in the file: a name no supported model has is
+  ignored (PEFT ignores a target the model lacks); a module loracli adapts is served without a
+  delta when `init_lora_weights` starts B at zero (PEFT leaves the missing weights at their init
+  and warns), and refused otherwise (PEFT's delta there would be random).
 
 PEFT tensor names are paired here for every reader: `parse_lora_key` reads one name,
 `group_lora_keys` gathers the A and B halves of each (layer, module), `lora_pairs` keeps the
@@ -33,6 +42,7 @@ from safetensors import safe_open
 
 from .errors import AdapterError
 from .model.spec import TARGET_MODULES, ModelSpec
+from .model_source.pickle_conversion import load_tensor_pickle
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +77,7 @@ class AdapterConfig:
     lora_dropout: float = 0.0
     modules_to_save: list[str] = field(default_factory=list)
     layers_to_transform: list[int] | int | None = None
+    init_lora_weights: bool | str = True  # how PEFT initialises a module the weights leave out
     base_model_name: str | None = None
     task_type: str | None = None
 
@@ -94,6 +105,14 @@ class AdapterConfig:
         if bad:
             out.append(f"target modules {bad} (embedding / lm_head) are not supported")
         return out
+
+
+@dataclass
+class Findings:
+    """What `check_tensors` finds: `problems` make `loracli run` refuse the adapter, `warnings` do not."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -197,6 +216,7 @@ def read_adapter_config(folder: Path | str) -> AdapterConfig:
             lora_dropout=float(raw.get("lora_dropout") or 0.0),
             modules_to_save=list(raw.get("modules_to_save") or []),
             layers_to_transform=raw.get("layers_to_transform"),
+            init_lora_weights=raw.get("init_lora_weights", True),
             base_model_name=raw.get("base_model_name_or_path"),
             task_type=raw.get("task_type"),
         )
@@ -220,22 +240,20 @@ def weights_file(folder: Path, allow_pickle: bool) -> Path:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an adapter weights file (safetensors, or a pickle the caller allowed)."""
-    import torch
-
+    """All tensors of an adapter weights file (safetensors, or a pickle the caller allowed: `load_tensor_pickle`)."""
+    if path.suffix != ".safetensors":
+        return load_tensor_pickle(path, lambda reason: AdapterError(str(path), reason))
     try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - any reader failure is a corrupt file to the user
         raise AdapterError(str(path), f"unreadable weights ({type(e).__name__}: {e})") from None
 
 
 def check_tensors(
     cfg: AdapterConfig, tensors: dict[str, tuple[int, ...]], spec: ModelSpec | None, max_lora_rank: int | None
-) -> list[str]:
-    """Problems of an adapter's tensors (`{key: shape}`) against a model; [] when compatible.
+) -> Findings:
+    """What `loracli run` refuses (and warns about) in an adapter's config and tensors (`{key: shape}`).
 
     With `spec` None only what no supported model accepts is reported (no layer or shape checks).
     """
@@ -246,8 +264,27 @@ def check_tensors(
         problems.append("no LoRA weights in the file")
     for (layer, module), ab in sorted(groups.items()):
         shapes = {half: tuple(tensors[key]) for half, key in ab.items()}
-        problems += _pair_problems(layer, module, shapes, spec, max_lora_rank)
-    return problems
+        problems += _pair_problems(cfg, layer, module, shapes, spec, max_lora_rank)
+    target_problems, warnings = _absent_targets(cfg, {module for _, module in groups})
+    return Findings(problems + target_problems, warnings)
+
+
+def _absent_targets(cfg: AdapterConfig, present: set[str]) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the plain `target_modules` names the weights hold nothing for (regexes are skipped)."""
+    problems, warnings = [], []
+    for target in cfg.target_modules:
+        if not re.fullmatch(r"\w+", target) or target in present or target in UNSUPPORTED_TARGETS:
+            continue
+        head = f"target_modules: {target!r} has no weights in the file"
+        if target not in TARGET_MODULES:
+            known = ", ".join(TARGET_MODULES)
+            warnings.append(f"{head} and is not a module loracli adapts ({known}): ignored, as PEFT ignores it")
+        elif _zero_b_init(cfg.init_lora_weights):
+            warnings.append(f"{head}: served without it, as PEFT leaves it at its initial B = 0 (no change)")
+        else:
+            init = cfg.init_lora_weights
+            problems.append(f"{head}, and PEFT would leave it at its init_lora_weights={init!r} values, a random delta")
+    return problems, warnings
 
 
 def _key_problem(key: str) -> str | None:
@@ -263,8 +300,18 @@ def _key_problem(key: str) -> str | None:
     return f"tensor {key}: not a LoRA A/B weight of a decoder layer"
 
 
+def _zero_b_init(init_lora_weights: bool | str) -> bool:
+    """Whether PEFT starts lora_B at zero under this `init_lora_weights` (True, "gaussian"): no delta until trained."""
+    return init_lora_weights is True or str(init_lora_weights).lower() == "gaussian"
+
+
 def _pair_problems(
-    layer: int, module: str, ab: dict[str, tuple[int, ...]], spec: ModelSpec | None, max_lora_rank: int | None
+    cfg: AdapterConfig,
+    layer: int,
+    module: str,
+    ab: dict[str, tuple[int, ...]],
+    spec: ModelSpec | None,
+    max_lora_rank: int | None,
 ) -> list[str]:
     """Problems of the A and B shapes found for one (layer, module)."""
     where = f"layer {layer} {module}"
@@ -274,6 +321,9 @@ def _pair_problems(
     if not is_lora_pair(a, b):
         return [f"{where}: A {list(a)} and B {list(b)} do not form a LoRA pair"]
     problems = []
+    config_rank = cfg.module_rank(ModelSpec.module_path(layer, module))
+    if a[0] != config_rank:
+        problems.append(f"{where}: rank {a[0]} in the weights, {config_rank} in {CONFIG_NAME} (r / rank_pattern)")
     if max_lora_rank is not None and a[0] > max_lora_rank:
         problems.append(f"{where}: rank {a[0]} exceeds max_lora_rank {max_lora_rank}")
     mismatch = _model_mismatch(layer, module, a, b, spec)
@@ -309,16 +359,35 @@ def load_adapter(
 
     folder = Path(folder)
     cfg = read_adapter_config(folder)
-    tensors = read_tensors(weights_file(folder, allow_pickle))
+    path = weights_file(folder, allow_pickle)
+    tensors = read_tensors(path)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    problems = check_tensors(cfg, shapes, spec, max_lora_rank)
+    problems = check_tensors(cfg, shapes, spec, max_lora_rank).problems
     if problems:
         message = problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
         raise AdapterError(str(folder), message, fields=fields_named(message))
-    dtype = torch.float32 if dtype is None else dtype
     pairs = lora_pairs(shapes)
+    nonfinite = (nonfinite_problem(key, tensors[key]) for pair in pairs.values() for key in pair)
+    problem = next((p for p in nonfinite if p is not None), None)
+    if problem is not None:
+        raise AdapterError(str(path), problem)
+    dtype = torch.float32 if dtype is None else dtype
     modules = {where: _scaled_pair(cfg, where, tensors[ka], tensors[kb], dtype) for where, (ka, kb) in pairs.items()}
     return LoraWeights(folder.name, folder, cfg, modules)
+
+
+def nonfinite_problem(key: str, tensor: torch.Tensor) -> str | None:
+    """Why a tensor holding NaN or infinite values is refused (every request would fail); None when all are finite."""
+    import torch
+
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):  # half the time of isfinite(): a NaN or an
+        return None  # infinity always leaves the sum non-finite
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):  # only the sum overflowed
+        return None
+    nan = int(torch.isnan(tensor).sum())
+    infinite = tensor.numel() - int(finite.sum()) - nan
+    return f"tensor {key}: non-finite values ({nan} NaN, {infinite} infinite)"
 
 
 def _scaled_pair(

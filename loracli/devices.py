@@ -13,11 +13,35 @@ if TYPE_CHECKING:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device `name` means: "auto" is CUDA when present, else CPU. A device torch cannot use is a
+    one-line `ConfigError` naming the `device` field, not torch's error at the first tensor."""
     import torch
+
+    from .errors import ConfigError
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not one torch knows", fields=("device",)) from None
+    problem = _cuda_problem(device) if device.type == "cuda" else None
+    if problem is not None:
+        raise ConfigError(f"device {name!r} {problem}", fields=("device",))
+    return device
+
+
+def _cuda_problem(device: torch.device) -> str | None:
+    """Why torch cannot use this CUDA device here; None when it can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        built = torch.version.cuda is not None
+        return "needs CUDA, and " + ("no GPU is visible" if built else f"this torch ({torch.__version__}) has none")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        return f"does not exist: {count} GPU{'s' if count != 1 else ''} visible"
+    return None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from .config import EngineConfig
 from .errors import InputError
-from .requests import Request
+from .requests import Request, RequestId
 from .results import Counters, Failure, Result
 from .sampling import SamplingParams
 
@@ -42,7 +42,7 @@ class BatchEngine(Protocol):
         """Why each request would fail before running (a strict job checks the whole input first)."""
         ...
 
-    def stop_admitting(self) -> list[str]:
+    def stop_admitting(self) -> list[RequestId]:
         """Start no new request; those in flight finish. Returns the ids dropped unstarted."""
         ...
 

@@ -6,6 +6,11 @@ open-addressed `array`s (16 bytes of digest + 1 byte of flags per slot, at most 
 a million ids cost about 40 MB instead of the ~100 MB of a `set` of strings. Two different
 keys share a digest with probability about n^2 / 2^129: never, in practice.
 
+Keys are ids as the input gives them, strings or integers, and the type is part of the key
+(`key_bytes`): the integer 1 and the string "1" are two keys, as they are two ids
+(`requests.py`). The job's ledger and the resume planner's reading of an output both key this
+table, so they agree on what one id is.
+
 Pure Python, no I/O; `flags(key)` is 0 for a key never marked.
 """
 
@@ -18,15 +23,21 @@ _EMPTY = 0
 _MIN_SLOTS = 1024
 
 
-def _digest(key: str, space: bytes) -> tuple[int, int]:
-    d = blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16, person=space).digest()
+def key_bytes(key: str | int) -> bytes:
+    """The canonical bytes of a key: its type, then its text (1 -> b"i1", "1" -> b"s1")."""
+    tag = b"s" if isinstance(key, str) else b"i"
+    return tag + str(key).encode("utf-8", "surrogatepass")
+
+
+def _digest(key: str | int, space: bytes) -> tuple[int, int]:
+    d = blake2b(key_bytes(key), digest_size=16, person=space).digest()
     hi = int.from_bytes(d[:8], "little")
     lo = int.from_bytes(d[8:], "little") | 1  # never _EMPTY
     return hi, lo
 
 
 class IdTable:
-    """A map from str keys to small non-zero flag sets (an int 1..255); `space` separates tables."""
+    """A map from str or int keys to small non-zero flag sets (an int 1..255); `space` separates tables."""
 
     def __init__(self, space: bytes = b"id"):
         self.space = space
@@ -50,14 +61,14 @@ class IdTable:
             i = (i + 1) & self._mask
         return i
 
-    def flags(self, key: str) -> int:
+    def flags(self, key: str | int) -> int:
         hi, lo = _digest(key, self.space)
         return self._flags[self._find(hi, lo)]
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, key: str | int) -> bool:
         return self.flags(key) != 0
 
-    def mark(self, key: str, flags: int = 1) -> int:
+    def mark(self, key: str | int, flags: int = 1) -> int:
         """Add `flags` to the key's flags; returns the flags it had before (0 if new)."""
         if not 0 < flags < 256:
             raise ValueError(f"flags must be in 1..255, got {flags}")

@@ -1,10 +1,14 @@
 """Where requests come from, streamed: never the whole input in memory.
 
-- JSONL (any name not listed below; `.gz` is gunzipped; `-` is stdin): read line by line in
-  binary, so bad bytes are a record's problem, not the reader's. A line longer than
-  `MAX_LINE_BYTES` is skipped in chunks and reported, never held whole.
-- Tables (`.parquet`, `.csv`, `.tsv`, `.arrow`): read row by row through `datasets` in
-  streaming mode (nothing cached or copied); a row's "line" is its 1-based row number.
+- JSONL (any name not listed below; `-` is stdin): read line by line in binary, so bad bytes
+  are a record's problem, not the reader's. Gzip is known by its first bytes (the magic number),
+  not by the name: a gzipped file or stdin is gunzipped whatever it is called, and a `.gz` file
+  holding plain text is read as it is. A UTF-8 byte order mark before the first line is
+  dropped. A line longer than `MAX_LINE_BYTES` is skipped in chunks and reported, never held
+  whole.
+- Tables (`.parquet`, `.csv`, `.tsv` (tab-separated), `.arrow`): read row by row through
+  `datasets` in streaming mode (nothing cached or copied); a row's "line" is its 1-based row
+  number. A CSV or TSV file's byte order mark is dropped by `datasets` itself.
 
 `read_items` yields, for every line or row, exactly one item: a `Request`, a `RecordError`, or a
 `Blank` (a JSONL line holding only whitespace). `check_input` refuses a missing, unreadable or
@@ -14,10 +18,12 @@ empty input before any model is loaded; `count_records` is the cheap total for p
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import sys
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -26,7 +32,14 @@ from .errors import ConfigError
 from .requests import FieldMap, RecordError, Request, parse_object, parse_record
 
 MAX_LINE_BYTES = 32 << 20
-TABLE_KINDS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
+TABLE_BUILDERS: dict[str, tuple[str, dict[str, str]]] = {  # kind -> the `datasets` builder and its options
+    "parquet": ("parquet", {}),
+    "csv": ("csv", {}),
+    "tsv": ("csv", {"delimiter": "\t"}),
+    "arrow": ("arrow", {}),
+}
+GZIP_MAGIC = b"\x1f\x8b"
+BOM = b"\xef\xbb\xbf"
 COUNT_LIMIT = 1 << 30  # plain JSONL files larger than this get no total (counting would cost a read)
 
 
@@ -44,8 +57,9 @@ def display_name(path: str) -> str:
 
 
 def input_kind(path: str) -> str:
-    """'jsonl' or the `datasets` builder name for a table file."""
-    return TABLE_KINDS.get(Path(path).suffix.lower(), "jsonl") if path != "-" else "jsonl"
+    """'jsonl', or the kind of table file (a key of `TABLE_BUILDERS`), from the file's suffix."""
+    kind = Path(path).suffix.lower().lstrip(".")
+    return kind if path != "-" and kind in TABLE_BUILDERS else "jsonl"
 
 
 def check_input(path: str) -> None:
@@ -64,15 +78,39 @@ def check_input(path: str) -> None:
         raise ConfigError(f"input file is empty: {path} (nothing to run)")
 
 
-def _open_binary(path: str) -> IO[bytes]:
-    if path == "-":
-        return sys.stdin.buffer
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")  # noqa: SIM115 - closed by the caller
+class _Replayed(io.RawIOBase):
+    """A stream whose first bytes were read to look at them: gives them back, then the rest."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]):
+        self._head = head
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        # read1: what is already buffered, else one read; never waits for a full buffer (a pipe streams)
+        data = self._head or self._rest.read1(len(buffer))  # type: ignore[attr-defined]
+        n = min(len(buffer), len(data))
+        buffer[:n] = data[:n]
+        self._head = data[n:]  # empty once the head is given back: read1 returns at most len(buffer)
+        return n
 
 
-def iter_lines(f: IO[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
+@contextmanager
+def _opened(path: str) -> Iterator[io.BufferedIOBase]:
+    """The input's bytes (`-`: stdin), gunzipped when they start with gzip's magic number."""
+    source = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115 - closed below
+    try:
+        head = source.read(len(GZIP_MAGIC))
+        stream = io.BufferedReader(_Replayed(head, source), 1 << 16)
+        yield gzip.GzipFile(fileobj=stream, mode="rb") if head == GZIP_MAGIC else stream
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+
+
+def iter_lines(f: io.BufferedIOBase, limit: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
     """(line number, bytes) per line, without the newline; None for a line longer than `limit`."""
     number = 0
     while True:
@@ -90,23 +128,22 @@ def iter_lines(f: IO[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[tuple[int,
 
 def _jsonl_items(path: str, base_names: frozenset[str], fields: FieldMap | None) -> Iterator[Item]:
     name = display_name(path)
-    f = _open_binary(path)
     try:
-        for number, raw in iter_lines(f):
-            if raw is None:
-                yield RecordError(name, number, None, f"line longer than {MAX_LINE_BYTES >> 20} MiB, skipped")
-            elif not raw.strip():
-                yield Blank(name, number)
-            else:
-                try:
-                    yield parse_record(raw, number, name, base_names, fields)
-                except RecordError as e:
-                    yield e
+        with _opened(path) as f:
+            for number, raw in iter_lines(f):
+                if number == 1 and raw is not None and raw.startswith(BOM):
+                    raw = raw[len(BOM) :]
+                if raw is None:
+                    yield RecordError(name, number, None, f"line longer than {MAX_LINE_BYTES >> 20} MiB, skipped")
+                elif not raw.strip():
+                    yield Blank(name, number)
+                else:
+                    try:
+                        yield parse_record(raw, number, name, base_names, fields)
+                    except RecordError as e:
+                        yield e
     except (OSError, EOFError, zlib.error) as e:
         raise ConfigError(f"cannot read {name}: {e}") from None
-    finally:
-        if f is not sys.stdin.buffer:
-            f.close()
 
 
 def _clean(row: dict) -> dict:
@@ -116,8 +153,9 @@ def _clean(row: dict) -> dict:
 def _table_items(path: str, kind: str, base_names: frozenset[str], fields: FieldMap | None) -> Iterator[Item]:
     from datasets import load_dataset
 
+    builder, options = TABLE_BUILDERS[kind]
     try:
-        rows = iter(load_dataset(kind, data_files=path, split="train", streaming=True))
+        rows = iter(load_dataset(builder, data_files=path, split="train", streaming=True, **options))
     except Exception as e:  # noqa: BLE001 - any reader failure is one line about the file
         raise ConfigError(f"cannot read {path} as {kind}: {type(e).__name__}: {e}") from None
     number = 0
@@ -144,7 +182,7 @@ def read_items(path: str, base_names: frozenset[str] = frozenset(), fields: Fiel
 
 
 def count_records(path: str) -> int | None:
-    """Lines (or rows) in the input when cheap to know: plain JSONL under 1 GiB, parquet; else None."""
+    """Lines (or rows) in the input when cheap to know: plain (not gzip) JSONL under 1 GiB, parquet; else None."""
     kind = input_kind(path)
     p = Path(path)
     if path == "-" or not p.is_file():
@@ -156,8 +194,11 @@ def count_records(path: str) -> int | None:
             return pq.ParquetFile(p).metadata.num_rows
         except Exception:  # noqa: BLE001 - no total, the run reports the problem
             return None
-    if kind != "jsonl" or path.endswith(".gz") or p.stat().st_size > COUNT_LIMIT:
+    if kind != "jsonl" or p.stat().st_size > COUNT_LIMIT:
         return None
+    with p.open("rb") as f:
+        if f.read(len(GZIP_MAGIC)) == GZIP_MAGIC:
+            return None
     newlines, last = 0, b"\n"
     with p.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

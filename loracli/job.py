@@ -10,11 +10,22 @@ Contract:
   once per field name.
 - Rerunning with the same output resumes (`resume.py`: sidecar check, repair, what is redone);
   `overwrite` starts over. A foreign or mismatched output is refused before the model loads.
+- One writer per output: the job holds the output's lock, and the errors file's, from before
+  the resume decision to its end (`output_lock.hold`; with `cluster`, this driver is the only
+  writer). A second job on the same file is refused at once, naming the holder's PID. Outputs
+  that are not regular files (`-`, `/dev/null`, a FIFO) get no lock, no sidecar and no resume,
+  which is said once on stderr, as is a sidecar and lock kept in the cache (unwritable folder).
+- A full disk while writing a result, the sidecar or the lock: `outputs.DiskFullError` (exit 2),
+  every result written before kept.
 - `strict`: the whole input is checked first (streaming), every problem printed, and the run
   refused with `ConfigError` (exit 2) if there is any; nothing is written then.
 - SIGINT / SIGTERM (`signals.StopSignals`): no new request is admitted, those in flight finish
   and are written, and the summary's `interrupted` holds the signal; a second signal stops at
-  once (`forced`). Either way every finished result is on disk.
+  once (`forced`). Either way every finished result is on disk, and the summary's `left` counts
+  the input's records settled neither now nor before (None when that is not cheap to know;
+  `last_line` then says where reading stopped).
+- Progress on stderr (`run_progress.RunProgress`): a bar on a terminal, else a plain line every
+  `JobOptions.progress_seconds`.
 - Requests that give no seed get one derived from the run's seed and their id, so sampled
   outputs do not depend on batch order, and a resumed run equals an uninterrupted one.
 """
@@ -23,24 +34,34 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from hashlib import blake2b
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .cluster.options import ClusterOptions
 from .config import EngineConfig
 from .engine_api import BatchEngine
 from .errors import ConfigError
 from .input_sources import Blank, check_input, count_records, display_name, read_items
+from .output_lock import OutputLock, hold, in_cache, is_file_output
 from .outputs import ResultWriter
-from .requests import FieldMap, RecordError, Request
+from .requests import FieldMap, RecordError, Request, RequestId
 from .results import Counters, Failure, Result
-from .resume import JobIdentity, Ledger, Settled, fingerprint, plan_output, repair, write_sidecar
+from .resume import (
+    NO_RESUME,
+    JobIdentity,
+    Ledger,
+    Settled,
+    fingerprint,
+    plan_output,
+    repair,
+    write_sidecar,
+)
+from .run_progress import RunProgress, records_after
 from .sampling import SamplingParams
 from .signals import ForcedStop, StopSignals, signal_name
 
@@ -58,6 +79,7 @@ class JobOptions:
     command: list[str] = field(default_factory=list)
     exit_after_stop: bool = False  # the caller exits after SIGINT/SIGTERM: ignore later signals
     cluster: ClusterOptions | None = None  # --ray: run on engine replicas on a Ray cluster
+    progress_seconds: float = 10.0  # stderr not a terminal: a progress line this often (<= 0: none)
 
 
 @dataclass
@@ -74,7 +96,7 @@ class JobSummary:
     model: str = ""
     dtype: str = ""
     device: str = ""
-    mode: str = ""  # fresh | overwrite | resume | stdout
+    mode: str = ""  # fresh | overwrite | resume | stdout | stream (not a regular file: no resume)
     resumed: int = 0  # records an earlier run settled, skipped now
     failed_before: int = 0  # error records of earlier runs kept in the output (unreadable lines)
     retried: int = 0  # error records of earlier runs dropped to be run again
@@ -82,7 +104,9 @@ class JobSummary:
     blank_lines: int = 0
     interrupted: int | None = None  # the signal that stopped the run
     forced: bool = False  # a second signal: requests in flight were abandoned
-    abandoned: int = 0  # requests read but not finished when the run stopped
+    abandoned: int = 0  # requests read but not finished when the run stopped (in flight)
+    left: int | None = None  # records settled neither now nor before (None: not known, see last_line)
+    last_line: int = 0  # the input's last line (or row) dealt with
     slots: dict = field(default_factory=dict)  # adapter slots: timeline, tiers, swap latency, memory split
     merges: dict = field(default_factory=dict)  # merge/unmerge timeline, time merged, switch cost
     cluster: dict = field(default_factory=dict)  # --ray: routing, per-worker requests/loads/swaps, bytes moved
@@ -92,7 +116,7 @@ class JobSummary:
         return bool(self.failed or self.failed_before)
 
 
-def request_seed(run_seed: int, request_id: str) -> int:
+def request_seed(run_seed: int, request_id: RequestId) -> int:
     """A request's sampling seed when it gives none: from the run's seed and its id only."""
     digest = blake2b(f"{run_seed}\x00{request_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
@@ -207,15 +231,29 @@ def validate(
 
 def _prepare_output(mode: str, output: str, options: JobOptions, identity: JobIdentity, notes: Notes) -> Settled:
     settled = Settled()
-    files = [p for p in (output, options.errors_path) if p is not None and p != "-"]
+    files = [p for p in (output, options.errors_path) if p is not None and is_file_output(p)]
     for path in files:
         if mode == "resume":
             repair(path, settled, notes.say)
         elif Path(path).exists():
             Path(path).write_bytes(b"")
-    if mode != "stdout":
+    if mode not in NO_RESUME:
         write_sidecar(output, identity)
     return settled
+
+
+def _output_notes(mode: str, output: str, locks: list[OutputLock]) -> list[str]:
+    """What to say once before the run about where its output's companions are, or why there are none."""
+    notes = []
+    if mode == "stdout":
+        notes.append("results go to stdout: resume is off (write them to a file to be able to resume)")
+    elif mode == "stream":
+        notes.append(f"{output} is not a regular file: resume is off (no sidecar is kept)")
+    for lock in locks:
+        if in_cache(lock.path):
+            what = "sidecar and lock are" if lock.field == "output_path" else "lock is"
+            notes.append(f"cannot write beside {lock.output}: its {what} kept in {lock.path.parent}")
+    return notes
 
 
 def _resume_note(output: str, settled: Settled) -> str:
@@ -247,14 +285,20 @@ def run_job(
     config = engine.config if engine is not None else config
     check_input(input_path)
     identity = job_identity(input_path, config, defaults, options)
-    mode = plan_output(output_path, input_path, options.errors_path, identity, options.overwrite)
-    summary = JobSummary(mode=mode)
-    with StopSignals(options.exit_after_stop) as stop:
-        try:
-            _with_engine(input_path, output_path, config, defaults, options, console, engine, identity, summary, stop)
-        except ForcedStop:
-            summary.forced = True
-        summary.interrupted = stop.requested
+    with hold(((output_path, "output_path"), (options.errors_path, "errors_path"))) as locks:
+        mode = plan_output(output_path, input_path, options.errors_path, identity, options.overwrite)
+        summary = JobSummary(mode=mode)
+        say = Notes(console).say
+        for note in _output_notes(mode, output_path, locks):
+            say(note)
+        with StopSignals(options.exit_after_stop) as stop:
+            try:
+                _with_engine(
+                    input_path, output_path, config, defaults, options, console, engine, identity, summary, stop
+                )
+            except ForcedStop:
+                summary.forced = True
+            summary.interrupted = stop.requested
     if options.stats_path:
         Path(options.stats_path).write_text(json.dumps(asdict(summary), indent=2) + "\n", encoding="utf-8")
     if summary.requests + summary.resumed == 0 and summary.interrupted is None:
@@ -329,13 +373,16 @@ def _stream_job(
     summary.failed_before = settled.input_errors
     summary.retried = settled.retried
     summary.repaired_lines = settled.torn + settled.foreign
-    loop = _JobLoop(engine, Ledger(file, settled), notes, summary, file, stop)
-    total = count_records(input_path) if console.is_terminal else None
+    total = count_records(input_path)
+    progress = RunProgress(
+        console, summary, total, options.progress_seconds, settled.answers + settled.input_errors, engine.residency
+    )
+    loop = _JobLoop(engine, Ledger(file, settled), notes, summary, file, stop, progress)
     items = read_items(input_path, engine.base_names, options.fields)
     writer = ResultWriter(output_path, engine.model_name, append=True, errors_path=options.errors_path)
     try:
         with writer:
-            loop.stream(items, writer, defaults, console, total)
+            loop.stream(items, writer, defaults, input_path)
     finally:
         notes.close(file)
         _finish_summary(engine, summary)
@@ -345,7 +392,14 @@ class _JobLoop:
     """The streaming loop of one run: input items -> ledger -> engine -> writer."""
 
     def __init__(
-        self, engine: BatchEngine, ledger: Ledger, notes: Notes, summary: JobSummary, file: str, stop: StopSignals
+        self,
+        engine: BatchEngine,
+        ledger: Ledger,
+        notes: Notes,
+        summary: JobSummary,
+        file: str,
+        stop: StopSignals,
+        progress: RunProgress,
     ):
         self.engine = engine
         self.ledger = ledger
@@ -353,32 +407,14 @@ class _JobLoop:
         self.summary = summary
         self.file = file
         self.stop = stop
+        self.progress = progress
         self.submitted = 0
-        self.advance: Callable[[], None] = lambda: None
+        self.exhausted = False  # the whole input was read
 
-    def stream(
-        self, items: Iterator, writer: ResultWriter, defaults: SamplingParams, console: Console, total: int | None
-    ) -> None:
+    def stream(self, items: Iterator, writer: ResultWriter, defaults: SamplingParams, input_path: str) -> None:
         summary, engine = self.summary, self.engine
-        progress = Progress(
-            TextColumn("[bold]loracli run"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[tps]:>7.1f} tok/s  adapters {task.fields[res]}"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=not console.is_terminal,
-        )
-        t1 = time.perf_counter()
-        task = progress.add_task("run", total=total, tps=0.0, res="")
-
-        def advance() -> None:
-            elapsed = time.perf_counter() - t1
-            progress.update(task, advance=1, tps=summary.completion_tokens / max(elapsed, 1e-9), res=engine.residency())
-
-        self.advance = advance
         try:
-            with progress:
+            with self.progress:
                 for result in engine.generate(self.admitted(items, writer), defaults):
                     result = locate(result, self.file)
                     if result.error is not None:
@@ -386,12 +422,25 @@ class _JobLoop:
                     writer.write(result)
                     _count(summary, result.error is not None)
                     summary.completion_tokens += result.completion_tokens
-                    advance()
+                    self.progress.advance()
                     if self.stop.requested:
                         engine.stop_admitting()
         finally:
             summary.abandoned = self.submitted - (summary.requests - summary.invalid)
-            summary.wall_seconds = time.perf_counter() - t1
+            summary.wall_seconds = self.progress.elapsed()
+            if self.exhausted or self.stop.requested:
+                summary.left = self.left(input_path)
+
+    def left(self, input_path: str) -> int | None:
+        """Records settled neither by this run nor an earlier one: those in flight, and those not read
+        yet less the ones earlier runs settled (all of which come after the last line read)."""
+        summary = self.summary
+        if self.exhausted:
+            return summary.abandoned
+        unread = records_after(input_path, summary.last_line, self.progress.total)
+        if unread is None:
+            return None
+        return summary.abandoned + max(unread - (self.progress.settled - summary.resumed), 0)
 
     def admitted(self, items: Iterator, writer: ResultWriter) -> Iterator[Request]:
         """The requests to run, in input order; writes problems and skips settled records on the way."""
@@ -400,10 +449,11 @@ class _JobLoop:
             if self.stop.requested:
                 self.engine.stop_admitting()
                 return
+            summary.last_line = item.line
             if isinstance(item, Blank):
                 summary.blank_lines += 1
                 notes.blank(item)
-                self.advance()
+                self.progress.advance()
                 continue
             decision = self.ledger.decide(item)
             if decision is None:
@@ -418,7 +468,8 @@ class _JobLoop:
                 self.submitted += 1
                 yield with_seed(decision, self.engine.config.seed)
                 continue
-            self.advance()
+            self.progress.advance()
+        self.exhausted = True
 
 
 def where(req: Request, failure: Failure, file: str) -> str:
@@ -474,10 +525,14 @@ def stop_message(summary: JobSummary, output: str, command: str) -> str:
     """What an interrupted run prints: what was kept, and the command that finishes it."""
     how = "stopped at once" if summary.forced else "stopped after finishing the requests in flight"
     text = f"{signal_name(summary.interrupted or 2)}: {how}; {summary.requests} results written this run"
-    if summary.abandoned:
-        text += f", {summary.abandoned} requests left to do again"
+    if summary.left is None:
+        text += f"; left to do: {summary.abandoned} requests in flight and the input after line {summary.last_line}"
+    elif summary.left:
+        text += f", {summary.left} requests left to do"
     if output == "-":
         return text + "\nresults went to stdout: to be able to resume, write them to a file with -o"
+    if summary.mode in NO_RESUME:
+        return text + f"\n{output} is not a regular file, so the run cannot be resumed: to resume, write to a file"
     return text + f"\nevery finished result is in {output}; to finish the run, rerun the same command:\n  {command}"
 
 

@@ -14,22 +14,50 @@ see `signals.critical`), so a kill can cut the file only between lines, or insid
 line in progress, which `resume.py` repairs; nothing is buffered in between, and the file is
 fsynced at least every `FSYNC_SECONDS` and when closed. `ResultWriter`
 sends answers to the output and, when an errors file is given, every failure there instead.
+
+A full disk (ENOSPC) or an exhausted quota (EDQUOT) while writing any of the run's files (a
+result, the sidecar, the lock) raises `DiskFullError` (`disk_full_fails`): one line naming the
+file and how to resume, exit status 2. Every line written before stays; a line cut by the full
+disk is a torn last line, which the rerun cuts off and does again.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import LoracliError
 from .requests import RecordError
 from .results import Result
 from .signals import critical
 
 INPUT_ERROR_TYPES = frozenset({"invalid_request", "duplicate_id"})
 FSYNC_SECONDS = 1.0  # results reach the disk at least this often (a power cut loses at most that much)
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFullError(LoracliError):
+    """No space or quota left while writing one of the run's files; everything written before is kept."""
+
+
+@contextmanager
+def disk_full_fails(path: str | os.PathLike) -> Iterator[None]:
+    """Turn ENOSPC / EDQUOT raised while writing `path` into a one-line `DiskFullError`; other errors pass."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise DiskFullError(
+            f"cannot write {path}: {os.strerror(e.errno)}; every result written before is kept: "
+            "free space, then rerun the same command"
+        ) from None
 
 
 def _usage(r: Result) -> dict:
@@ -108,6 +136,13 @@ def encode_line(record: dict) -> bytes:
         return (json.dumps(record) + "\n").encode("ascii")
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` (a short write is continued)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class LineFile:
     """Append-only JSONL file (or stdout for `-`): one whole-line write per record."""
 
@@ -120,21 +155,22 @@ class LineFile:
         else:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
-            self.fd = os.open(path, flags, 0o644)
+            with disk_full_fails(path):
+                self.fd = os.open(path, flags, 0o644)
 
     def write(self, record: dict) -> None:
-        data = encode_line(record)
-        with critical():
-            if self.fd is None:
-                sys.stdout.write(data.decode("utf-8"))
-                sys.stdout.flush()
-            else:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self.fd, view) :]
+        with critical(), disk_full_fails("<stdout>" if self.fd is None else self.path):
+            self._put(encode_line(record))
         self.lines += 1
         if self.fd is not None and time.monotonic() - self.synced > FSYNC_SECONDS:
             self._sync()
+
+    def _put(self, data: bytes) -> None:
+        if self.fd is None:
+            sys.stdout.write(data.decode("utf-8"))
+            sys.stdout.flush()
+        else:
+            write_all(self.fd, data)
 
     def _sync(self) -> None:
         try:

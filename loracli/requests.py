@@ -9,9 +9,20 @@ OpenAI:  {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/co
 `parse_record(raw, line, file)` turns one line's bytes into a `Request`; `parse_object` does the
 same for an already decoded object (a table row). Both raise `RecordError` (an `InputError`
 naming file, line and field, and carrying the record's id and form when they could be read),
-and nothing else, whatever the input. A native record without an id gets its line number as
-id. Fields loracli does not know are kept in `Request.unknown_fields` (the caller warns); a
-`FieldMap` renames other column names to `prompt` / `adapter` / `id` first.
+and nothing else, whatever the input. Fields loracli does not know are kept in
+`Request.unknown_fields` (the caller warns); a `FieldMap` renames other column names to
+`prompt` / `adapter` / `id` first.
+
+Ids: an explicit id (`id`: a non-empty string or an integer; `custom_id`: a non-empty string) is
+kept as given, type included: the integer 1 and the string "1" are two different ids, and the
+output gives each back as it came. A native record without an id gets `implicit_id(line)`,
+"#" + its line number ("#12"); explicit string ids starting with "#" are refused, so the two
+never meet. `is_id` is what the resume planner (`resume.py`) accepts as an id read back from
+an output; `IdTable` keeps the type in its keys.
+
+A chat message's `content` is a string, or OpenAI's list of parts, of which only text parts
+(`{"type": "text", "text": ...}`) are taken, joined with no separator (as OpenAI does).
+Sampling values are checked by `sampling.problem`, the rule the run's defaults obey too.
 
 Pure: no I/O here (`input_sources.py` reads files).
 """
@@ -19,11 +30,11 @@ Pure: no I/O here (`input_sources.py` reads files).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
+from .sampling import is_int, normalized, problem, shown
 
 NATIVE_FIELDS = frozenset(
     {"id", "adapter", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos"}
@@ -40,12 +51,14 @@ BODY_PARAMS = {
 }
 BODY_FIELDS = frozenset({"model", "prompt", "messages", *BODY_PARAMS})
 NATIVE_PARAMS = {k: k for k in ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")}
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+IMPLICIT_ID_PREFIX = "#"
+
+RequestId = str | int  # as the input gave it (see the module doc)
 
 
 @dataclass
 class Request:
-    id: str
+    id: RequestId
     adapter: str | None
     prompt: str | None = None
     messages: list[dict] | None = None
@@ -68,7 +81,7 @@ class RecordError(InputError):
         field: str | None,
         message: str,
         *,
-        record_id: str | None = None,
+        record_id: RequestId | None = None,
         form: str = "native",
         kind: str = "invalid_request",
     ):
@@ -114,45 +127,11 @@ def _fail(ctx: tuple[str, int], fld: str | None, msg: str) -> InputError:
     return InputError(ctx[0], ctx[1], fld, msg)
 
 
-def _show(v: Any) -> str:
-    try:
-        text = json.dumps(v)
-    except (TypeError, ValueError):
-        text = type(v).__name__
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_param(name: str, v: Any, ctx: tuple[str, int], where: str) -> Any:
-    if name == "max_tokens":
-        if not _is_int(v):
-            raise _fail(ctx, where, f"must be an integer, got {_show(v)}")
-        if v <= 0:
-            raise _fail(ctx, where, f"must be positive, got {v}")
-        return v
-    if name in ("temperature", "top_p"):
-        if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v):
-            raise _fail(ctx, where, f"must be a finite number, got {_show(v)}")
-        if name == "top_p" and not 0 < v <= 1:
-            raise _fail(ctx, where, f"must be in (0, 1], got {v}")
-        if v < 0:
-            raise _fail(ctx, where, f"must be >= 0, got {v}")
-        return float(v)
-    if name == "seed":
-        if not _is_int(v) or not SEED_RANGE[0] <= v <= SEED_RANGE[1]:
-            raise _fail(ctx, where, f"must be a 64-bit integer, got {_show(v)}")
-        return v
-    if name == "stop":
-        v = [v] if isinstance(v, str) else v
-        if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
-            raise _fail(ctx, where, "must be a non-empty string or a list of non-empty strings")
-        return v
-    if not isinstance(v, bool):  # ignore_eos
-        raise _fail(ctx, where, f"must be true or false, got {_show(v)}")
-    return v
+    found = problem(name, v)
+    if found is not None:
+        raise _fail(ctx, where, found)
+    return normalized(name, v)
 
 
 def _check_params(obj: dict, ctx: tuple[str, int], prefix: str, names: dict[str, str]) -> dict[str, Any]:
@@ -185,31 +164,70 @@ def _check_prompt(obj: dict, ctx: tuple[str, int], prefix: str) -> tuple[str | N
         return prompt, None
     if not isinstance(messages, list) or not messages:
         raise _fail(ctx, prefix + "messages", "must be a non-empty list of {role, content} objects")
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise _fail(ctx, f"{prefix}messages[{i}]", "must be an object with string 'role' and 'content'")
-        _check_text(m["role"] + m["content"], ctx, f"{prefix}messages[{i}]")
-    return None, messages
+    return None, [_check_message(m, ctx, f"{prefix}messages[{i}]") for i, m in enumerate(messages)]
 
 
-def _native_id(value: Any, ctx: tuple[str, int]) -> str:
+def _check_message(m: Any, ctx: tuple[str, int], where: str) -> dict:
+    """One chat message, its content as one string (text parts joined)."""
+    content = m.get("content") if isinstance(m, dict) else None
+    if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(content, (str, list))):
+        raise _fail(ctx, where, "must be an object with string 'role' and 'content' (text or a list of text parts)")
+    if isinstance(content, list):
+        content = "".join(_text_of_part(part, ctx, f"{where}.content[{j}]") for j, part in enumerate(content))
+        m = {**m, "content": content}
+    _check_text(m["role"] + content, ctx, where)
+    return m
+
+
+def _text_of_part(part: Any, ctx: tuple[str, int], where: str) -> str:
+    if not isinstance(part, dict):
+        raise _fail(ctx, where, f'must be an object like {{"type": "text", "text": ...}}, got {shown(part)}')
+    kind = part.get("type")
+    if not isinstance(kind, str):
+        raise _fail(ctx, f"{where}.type", "missing: a part names its type (only 'text' parts are supported)")
+    if kind != "text":
+        raise _fail(ctx, f"{where}.type", f"{kind!r} parts are not supported")
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise _fail(ctx, f"{where}.text", f"must be a string, got {shown(text)}")
+    return text
+
+
+def implicit_id(line: int) -> str:
+    """The id of a native record that gives none: "#" and its line (or row) number."""
+    return f"{IMPLICIT_ID_PREFIX}{line}"
+
+
+def is_id(value: Any) -> bool:
+    """Whether `value` can be an id: a non-empty string or an integer (a bool is not one)."""
+    return (isinstance(value, str) and value != "") or is_int(value)
+
+
+def _reserved(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(IMPLICIT_ID_PREFIX)
+
+
+def _explicit_id(value: RequestId, ctx: tuple[str, int], where: str) -> RequestId:
+    if _reserved(value):
+        message = f"must not start with '{IMPLICIT_ID_PREFIX}' (kept for the ids of records without one, like \"#12\")"
+        raise _fail(ctx, where, message)
+    return value
+
+
+def _native_id(value: Any, ctx: tuple[str, int]) -> RequestId:
     if value is None:
-        return str(ctx[1])
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise _fail(ctx, "id", f"must be a string or integer, got {_show(value)}")
+        return implicit_id(ctx[1])
     if value == "":
         raise _fail(ctx, "id", "is empty")
-    return str(value)
+    if not is_id(value):
+        raise _fail(ctx, "id", f"must be a string or integer, got {shown(value)}")
+    return _explicit_id(value, ctx, "id")
 
 
-def readable_id(obj: dict, form: str) -> str | None:
-    """The record's id if it can be read at all (for error records), else None."""
+def readable_id(obj: dict, form: str) -> RequestId | None:
+    """The record's explicit id, as given, if it can be read at all (for error records), else None."""
     value = obj.get("custom_id" if form == "openai" else "id")
-    if isinstance(value, str) and value:
-        return value
-    if _is_int(value):
-        return str(value)
-    return None
+    return value if is_id(value) and not _reserved(value) else None
 
 
 def parse_record(
@@ -253,7 +271,7 @@ def _parse_native(obj: dict, ctx: tuple[str, int]) -> Request:
     rid = _native_id(obj.get("id"), ctx)
     adapter = obj.get("adapter")
     if adapter is not None and (not isinstance(adapter, str) or not adapter):
-        raise _fail(ctx, "adapter", f"must be an adapter name or null, got {_show(adapter)}")
+        raise _fail(ctx, "adapter", f"must be an adapter name or null, got {shown(adapter)}")
     prompt, messages = _check_prompt(obj, ctx, "")
     params = _check_params(obj, ctx, "", NATIVE_PARAMS)
     unknown = sorted(str(k) for k in set(obj) - NATIVE_FIELDS)
@@ -264,11 +282,12 @@ def _parse_openai(obj: dict, ctx: tuple[str, int], base_names: frozenset[str]) -
     rid = obj.get("custom_id")
     if not isinstance(rid, str) or not rid:
         raise _fail(ctx, "custom_id", "missing or not a non-empty string")
+    rid = _explicit_id(rid, ctx, "custom_id")
     if obj.get("method", "POST") != "POST":
-        raise _fail(ctx, "method", f"must be POST, got {_show(obj.get('method'))}")
+        raise _fail(ctx, "method", f"must be POST, got {shown(obj.get('method'))}")
     url = obj.get("url")
     if url not in OPENAI_URLS:
-        raise _fail(ctx, "url", f"must be one of {', '.join(OPENAI_URLS)}, got {_show(url)}")
+        raise _fail(ctx, "url", f"must be one of {', '.join(OPENAI_URLS)}, got {shown(url)}")
     body = obj.get("body")
     if not isinstance(body, dict):
         raise _fail(ctx, "body", "missing or not an object")

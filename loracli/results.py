@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .errors import InputError
-from .requests import Request
+from .requests import Request, RequestId, implicit_id
 
 
 class Failure(NamedTuple):
@@ -26,7 +26,7 @@ class Failure(NamedTuple):
 @dataclass
 class Result:
     request: Request | None
-    id: str
+    id: RequestId
     adapter: str | None
     text: str = ""
     finish_reason: str | None = None
@@ -66,6 +66,7 @@ class Counters:
 
 
 def input_error_result(error: InputError) -> Result:
-    """The result for an input record that could not be read: its id is its line number."""
+    """The result for an input record that could not be read: its id is its line's implicit id ("#12")."""
     now = time.perf_counter()
-    return Result(None, str(error.line), None, error=Failure("invalid_request", str(error)), arrival=now, finished=now)
+    failure = Failure("invalid_request", str(error))
+    return Result(None, implicit_id(error.line), None, error=failure, arrival=now, finished=now)

@@ -3,7 +3,11 @@
 The sidecar `<output>.loracli.json` records what produced an output: the input (path and a
 fingerprint: size + SHA-256 of its first and last MiB), the options that change results
 (model, max_tokens, temperature, top_p, seed, ignore_eos, dtype, max_model_len, the field
-mapping) and the errors file. `plan_output` decides, before any model is loaded:
+mapping) and the errors file. It lives beside the output, or in the cache when the output's
+folder is not writable (`output_lock.companion`). `plan_output` decides, before any model is
+loaded (and, in a job, under the output's lock):
+- stdout (`-`), or an output that is not a regular file (`/dev/null`, a FIFO): no sidecar and
+  no resume ('stdout', 'stream');
 - no output yet (or an empty one): a fresh run;
 - `overwrite`: start over (output and errors file truncated);
 - an output whose sidecar matches: resume; one whose sidecar differs, or a non-empty output
@@ -19,7 +23,8 @@ and drops, so the rerun does them again:
   out of memory...): the cause may be fixed since, or transient;
 - a torn last line (a kill mid-write: no final newline) is truncated away; a line that is
   not a record of ours, or a second answer for a settled id, is dropped with a warning.
-The file is rewritten (temporary file + rename) only when a complete line is dropped.
+The file is rewritten (temporary file + rename) only when a complete line is dropped. A full
+disk while writing the sidecar raises `outputs.DiskFullError`.
 
 `Ledger.decide` then walks the input in order: skip what is settled, report duplicates, run
 the rest. Its tables (`IdTable`) are the run's only structures that grow with the input.
@@ -37,8 +42,9 @@ from typing import Any
 
 from .errors import ConfigError
 from .idtable import IdTable
-from .outputs import INPUT_ERROR_TYPES
-from .requests import RecordError, Request
+from .output_lock import companion, is_file_output
+from .outputs import INPUT_ERROR_TYPES, disk_full_fails
+from .requests import RecordError, Request, is_id
 
 SIDECAR_SUFFIX = ".loracli.json"
 SIDECAR_VERSION = 1
@@ -46,10 +52,12 @@ FINGERPRINT_BYTES = 1 << 20
 DONE, SEEN = 1, 2  # IdTable flags: answered by an earlier run; met earlier in this input
 
 ANSWER, INPUT_ERROR, RETRY, FOREIGN = "answer", "input_error", "retry", "foreign"
+NO_RESUME = frozenset({"stdout", "stream"})  # plan_output's modes without a sidecar
 
 
 def sidecar_path(output: str) -> Path:
-    return Path(output + SIDECAR_SUFFIX)
+    """`<output>.loracli.json`, or its stand-in in the cache (see `output_lock.companion`)."""
+    return companion(output, SIDECAR_SUFFIX)
 
 
 def fingerprint(path: str) -> dict | None:
@@ -125,7 +133,7 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def plan_output(output: str, input_path: str, errors: str | None, identity: JobIdentity, overwrite: bool) -> str:
-    """'stdout', 'fresh', 'overwrite' or 'resume'; raises `ConfigError` when the output may not be used."""
+    """'stdout', 'stream', 'fresh', 'overwrite' or 'resume'; `ConfigError` when the output may not be used."""
     if output == "-":
         return "stdout"
     for path, what in ((output, "output_path"), (errors, "errors_path")):
@@ -135,6 +143,8 @@ def plan_output(output: str, input_path: str, errors: str | None, identity: JobI
             raise ConfigError(f"{what} {path} is a folder, not a file", fields=(what,))
     if errors is not None and (errors == output or _same_file(errors, output)):
         raise ConfigError("errors_path must name another file than output_path", fields=("errors_path", "output_path"))
+    if not is_file_output(output):
+        return "stream"
     if overwrite:
         return "overwrite"
     if not _nonempty(output) and not _nonempty(errors):
@@ -165,8 +175,10 @@ def plan_output(output: str, input_path: str, errors: str | None, identity: JobI
 def write_sidecar(output: str, identity: JobIdentity) -> None:
     path = sidecar_path(output)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(identity.to_json(), encoding="utf-8")
-    os.replace(tmp, path)
+    with disk_full_fails(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(identity.to_json(), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def classify(raw: bytes) -> tuple[str, str | int | None]:
@@ -180,7 +192,7 @@ def classify(raw: bytes) -> tuple[str, str | int | None]:
     key = rec.get("custom_id") if "custom_id" in rec else rec.get("id")
     err = rec.get("error")
     if err is None:
-        return (ANSWER, key) if isinstance(key, str) and key else (FOREIGN, None)
+        return (ANSWER, key) if is_id(key) else (FOREIGN, None)
     if not isinstance(err, dict):
         return FOREIGN, None
     kind, line = err.get("type", err.get("code")), rec.get("line")
@@ -205,7 +217,7 @@ class Settled:
 def _keep(raw: bytes, settled: Settled, warn: Callable[[str], None], where: str) -> bool:
     kind, key = classify(raw)
     if kind == ANSWER:
-        if settled.ids.mark(str(key), DONE) & DONE:
+        if settled.ids.mark(key, DONE) & DONE:
             warn(f"{where}: a second answer for id {key!r}, dropped")
             settled.foreign += 1
             return False

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -165,3 +167,104 @@ def test_dora_and_embedding_tensors(tmp_path, llama_adapters, spec):
     b = copy_adapter(llama_adapters / "attn4", tmp_path / "b")
     edit_tensors(b, lambda t: {**t, "base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(4, 10)})
     expect_error(b, spec, "embedding")
+
+
+# --- one rule with inspect-adapter: values, config ranks, absent targets (PEFT as the oracle) ---------
+
+
+def peft_model(model_dir, folder):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(folder))
+
+
+@pytest.mark.parametrize(
+    "key,value,counts",
+    [
+        ("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight", float("nan"), "1 NaN, 0 infinite"),
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", float("-inf"), "0 NaN, 1 infinite"),
+    ],
+)
+def test_nonfinite_weights_refused_at_load(tmp_path, llama_adapters, spec, key, value, counts):
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+
+    def poison(tensors):
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = value
+        return tensors
+
+    edit_tensors(a, poison)
+    e = expect_error(a, spec, f"tensor {key}: non-finite values \\({counts}\\)")
+    assert e.path == str(a / "adapter_model.safetensors")
+
+
+def test_config_rank_unlike_the_weights_is_refused_as_peft_refuses_it(tmp_path, llama_dir, llama_adapters, spec):
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    edit_config(a, r=8)
+    expect_error(a, spec, r"layer 0 k_proj: rank 4 in the weights, 8 in adapter_config.json \(r / rank_pattern\)")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        peft_model(llama_dir, a)
+    b = copy_adapter(llama_adapters / "pattern", tmp_path / "b")
+    edit_config(b, rank_pattern={"down_proj": 4, "v_proj": 2})
+    expect_error(b, spec, "layer 0 v_proj: rank 8 in the weights, 2 in adapter_config.json")
+
+
+def test_absent_targets_are_served_as_peft_serves_them(tmp_path, llama_dir, llama_adapters, spec):
+    """gate_proj listed with no weights (PEFT: B stays 0, a warning) and foo_proj (PEFT: ignored): same deltas."""
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    edit_config(a, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "foo_proj"])
+    edit_config(a, init_lora_weights=True)
+    w = load_adapter(a, spec)
+    with pytest.warns(UserWarning, match="missing adapter keys"):
+        peft = peft_model(llama_dir, a)
+    checked = set()
+    for name, mod in peft.named_modules():
+        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            layer, module = int(name.split(".layers.")[1].split(".")[0]), name.rsplit(".", 1)[1]
+            ref = mod.get_delta_weight("default")
+            pair = w.modules.get((layer, module))  # none for gate_proj: no delta
+            ours = pair[1] @ pair[0] if pair is not None else torch.zeros_like(ref)
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+            checked.add(module)
+    assert checked == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"}
+    assert (0, "gate_proj") not in w.modules
+
+
+@pytest.mark.parametrize("init", [False, "orthogonal"])
+def test_absent_target_refused_when_peft_would_start_it_random(tmp_path, llama_adapters, spec, init):
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    edit_config(a, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"], init_lora_weights=init)
+    expect_error(a, spec, f"target_modules: 'gate_proj' has no weights in the file, .*init_lora_weights={init!r}")
+
+
+# --- bad pickles under allow_pickle: one line, no torch warning ------------------------------------
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("ran code from a pickle",))
+
+
+@pytest.mark.parametrize(
+    "write,match",
+    [
+        (lambda p, t: torch.save({**t, "x": RunsCode()}, p), "Unsupported global: GLOBAL print was not an allowed"),
+        (lambda p, t: p.write_bytes(pickle.dumps(t)), "holds more than plain tensors"),  # protocol 4: a torch warning
+        (lambda p, t: torch.save({"step": 3}, p), "not a state dict of named tensors"),
+        (lambda p, t: torch.save(list(t.values()), p), "not a state dict of named tensors"),
+    ],
+    ids=["code", "plain-pickle", "not-tensors", "a-list"],
+)
+def test_bad_pickle_is_one_line_without_warnings(tmp_path, llama_adapters, spec, write, match):
+    a = copy_adapter(llama_adapters / "attn4", tmp_path / "a")
+    tensors = load_file(str(a / "adapter_model.safetensors"))
+    (a / "adapter_model.safetensors").unlink()
+    write(a / "adapter_model.bin", tensors)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        e = expect_error(a, spec, match, allow_pickle=True)
+    assert e.path == str(a / "adapter_model.bin")
+    assert "Weights only load failed" not in str(e) and "\x1b" not in str(e)
+    assert [str(w.message) for w in caught] == []

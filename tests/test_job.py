@@ -1,22 +1,31 @@
 """`loracli run` on bad input, bad adapters and engine faults: every line is accounted for, messages
-name file, line and field, exit codes are 0 / 1 / 2, and one failure never stops the others.
+name file, line and field, exit codes are 0 / 1 / 2, and one failure never stops the others; a full
+disk is one line and a rerun; progress lines on stderr when it is not a terminal.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import re
 import shutil
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 from runs import by_key, prompts, read_output, run, tiny_engine, write_jsonl
 
 from loracli.cli import main
 from loracli.errors import ConfigError
+from loracli.outputs import LineFile
+from loracli.run_progress import RunProgress
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -276,3 +285,62 @@ def test_any_input_every_line_is_answered_or_reported(engine, tmp_path, lines):
     again = run(engine, inp, out, max_tokens=1)
     assert again.resumed + again.requests == len(lines) - blank
     assert len(read_output(out)) == len(records)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_is_one_line_exit_2_and_the_rerun_finishes(cli, tmp_path, monkeypatch, code):
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(8))
+    out = tmp_path / "out.jsonl"
+    real_put = LineFile._put
+
+    def filling(self, data):
+        if self.lines == 3:
+            real_put(self, data[:10])  # the disk fills in the middle of the fourth line
+            raise OSError(code, os.strerror(code))
+        real_put(self, data)
+
+    monkeypatch.setattr(LineFile, "_put", filling)
+    status, _, err = cli(inp, "-o", out)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot write {out}: {os.strerror(code)}; every result written before is kept" in err
+    assert "free space, then rerun the same command" in err and "Traceback" not in err
+    assert len(out.read_bytes().splitlines(keepends=True)) == 4  # three whole lines and a torn one
+    monkeypatch.setattr(LineFile, "_put", real_put)
+    status, _, err = cli(inp, "-o", out)
+    assert status == 0 and "resuming" in err and "a torn last line cut" in err
+    assert sorted(by_key(read_output(out))) == sorted(f"r{i}" for i in range(8))
+
+
+PROGRESS_LINE = re.compile(r"loracli run: (\d+)/12 done \(\d+%\), \d+\.\d tok/s, 0:00:\d\d elapsed(, ETA 0:00:\d\d)?$")
+
+
+def test_progress_lines_on_stderr_when_it_is_not_a_terminal(engine, tmp_path, monkeypatch):
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(12))
+    real_run = engine.model_runner.run
+
+    def slow(seqs, is_prefill):
+        time.sleep(0.01)
+        return real_run(seqs, is_prefill)
+
+    monkeypatch.setattr(engine.model_runner, "run", slow)
+    log = io.StringIO()
+    run(engine, inp, tmp_path / "out.jsonl", console=Console(file=log, width=300), progress_seconds=0.02)
+    lines = [line for line in log.getvalue().splitlines() if line.startswith("loracli run:")]
+    assert len(lines) >= 2 and all(PROGRESS_LINE.match(line) for line in lines), lines
+    assert any("ETA" in line for line in lines)
+    done = [int(PROGRESS_LINE.match(line)[1]) for line in lines]
+    assert done == sorted(done)
+    tty = io.StringIO()
+    run(engine, inp, tmp_path / "tty.jsonl", console=Console(file=tty, force_terminal=True), progress_seconds=0.02)
+    assert "done (" not in tty.getvalue()  # a terminal gets the bar instead
+
+
+def test_progress_line_counts_settled_records_as_free_in_the_eta():
+    counts = SimpleNamespace(completion_tokens=100, requests=5, resumed=4)
+    progress = RunProgress(Console(file=io.StringIO()), counts, total=40, every=0, settled=10)
+    progress.done = 15  # 4 skipped as settled, 5 results, 6 blank lines
+    progress.started = time.perf_counter() - 5.0
+    # 40 - 15 done - 6 settled still ahead = 19 left, at 5 results in 5 s
+    assert progress.line() == "loracli run: 15/40 done (37%), 20.0 tok/s, 0:00:05 elapsed, ETA 0:00:19"
+    progress.total = None
+    assert progress.line() == "loracli run: 15 done, 20.0 tok/s, 0:00:05 elapsed"

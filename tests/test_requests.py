@@ -7,14 +7,18 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import sys
+import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loracli.errors import ConfigError
-from loracli.input_sources import Blank, check_input, count_records, iter_lines, read_items
+from loracli.input_sources import GZIP_MAGIC, Blank, check_input, count_records, iter_lines, read_items
 from loracli.requests import FieldMap, RecordError, Request, parse_object, parse_record
+from loracli.results import input_error_result
 
 
 def bad(raw, **kw) -> RecordError:
@@ -73,7 +77,7 @@ def test_each_bad_record_names_file_line_and_field(raw, field, words):
 
 def test_bad_record_keeps_its_id_and_form_when_readable():
     assert bad(b'{"id": "x1", "prompt": 5}').record_id == "x1"
-    assert bad(b'{"id": 12, "prompt": 5}').record_id == "12"
+    assert bad(b'{"id": 12, "prompt": 5}').record_id == 12
     assert bad(b'{"prompt": 5}').record_id is None
     e = bad(b'{"custom_id": "c9", "url": "/v1/completions", "body": {"model": "m"}}')
     assert (e.record_id, e.form, e.kind) == ("c9", "openai", "invalid_request")
@@ -81,7 +85,7 @@ def test_bad_record_keeps_its_id_and_form_when_readable():
 
 def test_good_records_and_unknown_fields():
     r = parse_record(b'{"prompt": "hi", "max_token": 3, "temperature": 1}', 4, "f")
-    assert isinstance(r, Request) and r.id == "4" and r.params == {"temperature": 1.0}
+    assert isinstance(r, Request) and r.id == "#4" and r.params == {"temperature": 1.0}
     assert r.unknown_fields == ["max_token"]
     o = parse_record(
         json.dumps(
@@ -103,7 +107,7 @@ def test_good_records_and_unknown_fields():
 def test_field_map_renames_columns_and_names_them_in_errors():
     fields = FieldMap(prompt="text", adapter="lora", id="key")
     r = parse_object({"text": "hi", "lora": "a1", "key": 5}, 2, "t.csv", fields=fields)
-    assert (r.id, r.adapter, r.prompt) == ("5", "a1", "hi")
+    assert (r.id, r.adapter, r.prompt) == (5, "a1", "hi")
     chat = parse_object({"text": [{"role": "user", "content": "hi"}]}, 3, "t.csv", fields=fields)
     assert chat.messages == [{"role": "user", "content": "hi"}]
     with pytest.raises(RecordError) as info:
@@ -173,6 +177,10 @@ def _expected_lines(data: bytes) -> int:
 def test_arbitrary_bytes_never_crash_and_every_line_is_accounted(tmp_path, data):
     p = tmp_path / "fuzz.jsonl"
     p.write_bytes(data)
+    if data.startswith(GZIP_MAGIC):  # read as gzip: broken gzip is one error about the file
+        with pytest.raises(ConfigError, match="cannot read"):
+            list(read_items(str(p)))
+        return
     items = list(read_items(str(p)))
     assert [i.line for i in items] == list(range(1, _expected_lines(data) + 1))
     for item in items:
@@ -227,5 +235,147 @@ def test_arbitrary_json_objects_give_a_request_or_a_record_error(obj):
     except RecordError as e:
         assert e.line == 3 and str(e).startswith("f:3")
         return
-    assert isinstance(r, Request) and r.id and (r.prompt or r.messages)
+    assert isinstance(r, Request) and isinstance(r.id, (str, int)) and r.id != "" and (r.prompt or r.messages)
     assert r.params.get("max_tokens", 1) > 0
+
+
+def _write_table(path, table, fmt):
+    import pyarrow as pa
+
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    elif fmt in ("csv", "tsv"):
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, path, pcsv.WriteOptions(delimiter="\t" if fmt == "tsv" else ","))
+    else:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "tsv", "arrow"])
+def test_every_table_format_reads_every_column(tmp_path, fmt):
+    import pyarrow as pa
+
+    table = pa.table(
+        {
+            "prompt": ["hello, world", "tab\tfree text"] if fmt != "tsv" else ["hello, world", "a, b, c"],
+            "adapter": ["a1", "a2"],
+            "id": ["k1", "k2"],
+            "max_tokens": [3, 5],
+        }
+    )
+    path = tmp_path / f"t.{fmt}"
+    _write_table(path, table, fmt)
+    items = list(read_items(str(path)))
+    assert all(isinstance(i, Request) for i in items), items
+    got = [(i.id, i.adapter, i.prompt, i.params, i.line) for i in items]
+    prompts = table.column("prompt").to_pylist()
+    assert got == [("k1", "a1", prompts[0], {"max_tokens": 3}, 1), ("k2", "a2", prompts[1], {"max_tokens": 5}, 2)]
+
+
+BOM = b"\xef\xbb\xbf"
+TWO_LINES = b'{"id": "a", "prompt": "x"}\n{"prompt": "y"}\n'
+
+
+def _stdin(monkeypatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+
+def _ok(items) -> list:
+    items = list(items)
+    assert all(isinstance(i, Request) for i in items), items
+    return [(i.id, i.prompt) for i in items]
+
+
+def test_a_byte_order_mark_does_not_spoil_the_first_record(tmp_path, monkeypatch):
+    expected = [("a", "x"), ("#2", "y")]
+    plain, packed = tmp_path / "bom.jsonl", tmp_path / "bom.jsonl.gz"
+    plain.write_bytes(BOM + TWO_LINES)
+    packed.write_bytes(gzip.compress(BOM + TWO_LINES))
+    assert _ok(read_items(str(plain))) == expected
+    assert _ok(read_items(str(packed))) == expected
+    _stdin(monkeypatch, BOM + TWO_LINES)
+    assert _ok(read_items("-")) == expected
+    for fmt, sep in (("csv", b","), ("tsv", b"\t")):
+        table = tmp_path / f"bom.{fmt}"
+        table.write_bytes(BOM + sep.join([b"id", b"prompt"]) + b"\n" + sep.join([b"a", b"x"]) + b"\n")
+        assert _ok(read_items(str(table))) == [("a", "x")]
+
+
+def test_gzip_is_known_by_its_content_not_its_name(tmp_path, monkeypatch):
+    expected = [("a", "x"), ("#2", "y")]
+    hidden = tmp_path / "in.jsonl"
+    hidden.write_bytes(gzip.compress(TWO_LINES))
+    assert _ok(read_items(str(hidden))) == expected
+    assert count_records(str(hidden)) is None  # a compressed file's lines are not counted from its bytes
+    named = tmp_path / "plain.jsonl.gz"
+    named.write_bytes(TWO_LINES)
+    assert _ok(read_items(str(named))) == expected
+    assert count_records(str(named)) == 2
+    _stdin(monkeypatch, gzip.compress(TWO_LINES))
+    assert _ok(read_items("-")) == expected
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(GZIP_MAGIC + b"not deflate")
+    with pytest.raises(ConfigError, match="cannot read"):
+        list(read_items(str(broken)))
+    _stdin(monkeypatch, b"\x1f")  # one byte of the magic number is not gzip
+    assert [type(i) for i in read_items("-")] == [RecordError]
+
+
+def test_stdin_is_read_line_by_line_as_it_comes(monkeypatch):
+    read_end, write_end = os.pipe()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(open(read_end, "rb")))  # noqa: SIM115 - closed below
+    os.write(write_end, b'{"id": "a", "prompt": "x"}\n')
+    items, first = read_items("-"), []
+    reader = threading.Thread(target=lambda: first.append(next(items)))
+    reader.start()
+    reader.join(timeout=10)
+    waited = reader.is_alive()  # still waiting for bytes the first line does not need
+    os.write(write_end, b'{"prompt": "y"}\n')
+    os.close(write_end)
+    reader.join()
+    assert not waited and _ok(first + list(items)) == [("a", "x"), ("#2", "y")]
+    sys.stdin.close()
+
+
+def test_implicit_ids_cannot_collide_with_explicit_ones():
+    assert parse_record(b'{"prompt": "x"}', 12, "f").id == "#12"
+    assert parse_record(b'{"id": 12, "prompt": "x"}', 1, "f").id == 12
+    assert parse_record(b'{"id": "12", "prompt": "x"}', 1, "f").id == "12"
+    assert parse_record(b'{"id": "a#1", "prompt": "x"}', 1, "f").id == "a#1"
+    native = bad(b'{"id": "#12", "prompt": "x"}')
+    assert native.field == "id" and "must not start with '#'" in str(native) and native.record_id is None
+    openai = bad(b'{"custom_id": "#3", "url": "/v1/completions", "body": {"model": "m", "prompt": "x"}}')
+    assert openai.field == "custom_id" and "must not start with '#'" in str(openai) and openai.record_id is None
+    assert input_error_result(bad(b"{oops")).id == "#7"  # an engine given an unreadable line: its implicit id
+
+
+def _chat(content) -> bytes:
+    body = {"model": "m", "messages": [{"role": "user", "content": content}]}
+    return json.dumps({"custom_id": "c", "url": "/v1/chat/completions", "body": body}).encode()
+
+
+def test_chat_content_given_as_text_parts_is_joined():
+    parts = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]
+    r = parse_record(_chat(parts), 1, "f")
+    assert r.messages == [{"role": "user", "content": "Hello, world"}]
+    native = parse_record(json.dumps({"messages": [{"role": "user", "content": parts[:1]}]}), 2, "f")
+    assert native.messages == [{"role": "user", "content": "Hello, "}]
+
+
+@pytest.mark.parametrize(
+    "part, field, words",
+    [
+        ({"type": "image_url", "image_url": {"url": "x"}}, "content[1].type", "'image_url' parts are not supported"),
+        ({"type": "text"}, "content[1].text", "must be a string, got null"),
+        ({"text": "x"}, "content[1].type", "missing: a part names its type (only 'text' parts are supported)"),
+        ("text", "content[1]", 'must be an object like {"type": "text", "text": ...}, got "text"'),
+    ],
+)
+def test_other_content_parts_are_refused_by_name(part, field, words):
+    e = bad(_chat([{"type": "text", "text": "hi"}, part]))
+    assert e.field == f"body.messages[0].{field}" and e.record_id == "c"
+    assert str(e) == f"in.jsonl:7: field 'body.messages[0].{field}': {words}"

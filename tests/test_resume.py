@@ -4,7 +4,10 @@ exactly the missing records and end equal to an uninterrupted run.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +17,8 @@ from runs import by_key, prompts, read_output, run, tiny_engine, write_jsonl
 
 from loracli.errors import ConfigError
 from loracli.idtable import IdTable
-from loracli.requests import RecordError, Request
+from loracli.outputs import DiskFullError
+from loracli.requests import RecordError, Request, parse_record
 from loracli.resume import (
     ANSWER,
     FOREIGN,
@@ -221,3 +225,75 @@ def test_overwrite_starts_over_and_errors_file_is_resumed_too(engine, tmp_path):
     fresh = run(engine, inp, out, max_tokens=2, overwrite=True)
     assert fresh.requests == 8 and fresh.mode == "overwrite"
     assert all(r.get("usage", {}).get("completion_tokens", 2) == 2 for r in read_output(out))
+
+
+def test_ids_keep_their_type_and_implicit_ids_their_own_form():
+    table = IdTable()
+    assert table.mark(1) == 0 and table.mark("1") == 0 and table.mark("#1") == 0
+    assert len(table) == 3 and 1 in table and "1" in table
+    ledger = Ledger("f")
+    reqs = [parse_record(raw, n, "f") for n, raw in enumerate([b'{"prompt": "a"}', b'{"id": 1, "prompt": "b"}'], 1)]
+    reqs.append(parse_record(b'{"id": "1", "prompt": "c"}', 3, "f"))
+    assert [r.id for r in reqs] == ["#1", 1, "1"]
+    assert all(isinstance(ledger.decide(r), Request) for r in reqs)
+    assert ledger.decide(parse_record(b'{"id": 1, "prompt": "d"}', 4, "f")).kind == "duplicate_id"
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ({"id": 7, "text": "x", "finish_reason": "length"}, (ANSWER, 7)),
+        ({"id": "#7", "text": "x", "finish_reason": "length"}, (ANSWER, "#7")),
+        ({"id": True, "text": "x"}, (FOREIGN, None)),
+        ({"id": 1.5, "text": "x"}, (FOREIGN, None)),
+    ],
+)
+def test_classify_reads_ids_back_as_the_input_gave_them(line, expected):
+    assert classify(json.dumps(line).encode() + b"\n") == expected
+
+
+def test_repair_settles_ids_by_type(tmp_path):
+    out = write_jsonl(tmp_path / "out.jsonl", [{"id": 1, "text": "x"}, {"id": "#3", "text": "y"}])
+    settled = Settled()
+    repair(str(out), settled, print)
+    ledger = Ledger("f", settled)
+    assert ledger.decide(Request(1, None, "p", line=1)) is None
+    assert ledger.decide(Request("#3", None, "p", line=3)) is None
+    assert isinstance(ledger.decide(Request("1", None, "p", line=2)), Request)
+
+
+def test_ids_of_every_kind_are_written_back_as_given_and_resumed(engine, tmp_path):
+    inp = write_jsonl(
+        tmp_path / "in.jsonl", [{"id": 1, "prompt": "a b"}, {"id": "1", "prompt": "a c"}, {"prompt": "a d"}]
+    )
+    out = tmp_path / "out.jsonl"
+    first = run(engine, inp, out)
+    assert (first.requests, first.failed) == (3, 0)
+    written = read_output(out)
+    assert sorted((type(r["id"]).__name__, r["id"]) for r in written) == [("int", 1), ("str", "#3"), ("str", "1")]
+    out.write_bytes(out.read_bytes().splitlines(keepends=True)[0])
+    second = run(engine, inp, out)
+    assert (second.resumed, second.requests, second.failed) == (1, 2, 0)
+    assert sorted(json.dumps(r["id"]) for r in read_output(out)) == sorted(json.dumps(r["id"]) for r in written)
+
+
+def test_outputs_that_are_not_regular_files_are_streamed_without_resume(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    ident = _identity(tmp_path)
+    for output in ("/dev/null", str(fifo)):
+        assert plan_output(output, str(inp), None, ident, False) == "stream"
+        assert plan_output(output, str(inp), None, ident, True) == "stream"
+
+
+def test_a_full_disk_writing_the_sidecar_is_one_line_naming_it(tmp_path, monkeypatch):
+    out = str(tmp_path / "out.jsonl")
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(DiskFullError, match="free space, then rerun the same command") as info:
+        write_sidecar(out, _identity(tmp_path))
+    assert str(info.value).startswith(f"cannot write {sidecar_path(out)}: No space left on device;")

@@ -1,12 +1,15 @@
 """A real `loracli run` on the tiny model, interrupted mid-run by SIGINT, SIGTERM, a double SIGINT
 and SIGKILL, then rerun: no finished result is lost, no line is torn, every id ends up exactly
-once, and the final output equals an uninterrupted run's.
+once, and the final output equals an uninterrupted run's. The stop message counts exactly the
+records the rerun then does, or says where reading stopped when the input's total is unknown.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +17,11 @@ import time
 
 import pytest
 import torch
-from runs import by_key, read_output, run, tiny_engine, write_jsonl
+from runs import by_key, prompts, read_output, run, tiny_engine, write_jsonl
 
+from loracli.job import stop_message
+from loracli.outputs import ResultWriter
+from loracli.resume import sidecar_path
 from loracli.signals import ForcedStop, StopSignals, critical, exit_status, resume_command
 
 N = 300
@@ -151,3 +157,73 @@ def test_interrupted_four_ways_then_finished_equals_an_uninterrupted_run(workloa
     assert summary.resumed == now and summary.requests == N - now and summary.failed == 0
     assert by_key(read_output(out)) == reference
     assert out.read_bytes().count(b"\n") == N
+
+
+@pytest.fixture(scope="module")
+def small_engine(llama_dir, llama_adapters):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_engine(llama_dir, llama_adapters, max_num_seqs=4)
+    torch.set_num_threads(threads)
+
+
+def sigint_after(monkeypatch, writes: int) -> None:
+    """Ctrl-C mid-run: SIGINT to this process once the run has written `writes` results."""
+    real_write = ResultWriter.write
+    written = []
+
+    def write(self, result):
+        real_write(self, result)
+        written.append(result.id)
+        if len(written) == writes:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ResultWriter, "write", write)
+
+
+def with_blanks(n: int) -> list:
+    """`n` records, with blank lines among the later ones (not records: never counted as left)."""
+    rows = prompts(n)
+    return rows[: n - 10] + ["", ""] + rows[n - 10 :] + [""]
+
+
+def test_the_stop_message_counts_every_record_left_and_the_rerun_does_exactly_those(
+    small_engine, tmp_path, monkeypatch
+):
+    inp = write_jsonl(tmp_path / "in.jsonl", with_blanks(40))
+    out = tmp_path / "out.jsonl"
+    sigint_after(monkeypatch, 3)
+    summary = run(small_engine, inp, out)
+    assert summary.interrupted == signal.SIGINT
+    assert summary.left == 40 - len(read_output(out)) > summary.abandoned  # the unread records count too
+    assert f", {summary.left} requests left to do\n" in stop_message(summary, str(out), "loracli run ...")
+    monkeypatch.undo()
+    rerun = run(small_engine, inp, out)
+    assert rerun.requests == summary.left and len(by_key(read_output(out))) == 40
+
+
+def test_records_an_earlier_run_settled_further_on_are_not_counted_as_left(small_engine, tmp_path, monkeypatch):
+    inp = write_jsonl(tmp_path / "in.jsonl", with_blanks(60))
+    full, out = tmp_path / "full.jsonl", tmp_path / "out.jsonl"
+    run(small_engine, inp, full)
+    write_jsonl(out, [r for r in read_output(full) if int(r["id"][1:]) >= 40])  # settled: r40..r59, further on
+    shutil.copy(sidecar_path(str(full)), sidecar_path(str(out)))
+    sigint_after(monkeypatch, 2)
+    summary = run(small_engine, inp, out)
+    assert summary.interrupted == signal.SIGINT and summary.last_line < 40
+    assert summary.left == 60 - len(read_output(out))
+    monkeypatch.undo()
+    rerun = run(small_engine, inp, out)
+    assert rerun.requests == summary.left and len(by_key(read_output(out))) == 60
+
+
+def test_an_input_of_unknown_length_says_where_reading_stopped(small_engine, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "in.jsonl", prompts(40)).read_bytes()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    out = tmp_path / "out.jsonl"
+    sigint_after(monkeypatch, 3)
+    summary = run(small_engine, "-", out)
+    assert summary.left is None and summary.interrupted == signal.SIGINT
+    assert summary.abandoned + (40 - summary.last_line) == 40 - len(read_output(out))  # what the message says is left
+    said = f"left to do: {summary.abandoned} requests in flight and the input after line {summary.last_line}\n"
+    assert said in stop_message(summary, str(out), "loracli run ...")

@@ -87,6 +87,7 @@ NO_FLAG = frozenset(
         "command",
         "exit_after_stop",
         "cluster",  # JobOptions: a ClusterOptions, from --ray and the options after it
+        "progress_seconds",  # JobOptions: the plain progress line's period when stderr is not a terminal
     }
 )
 

@@ -34,7 +34,23 @@ def _pins(text: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in (text or "").split(",") if p.strip())
 
 
+RAY_ONLY = ("workers", "worker_cpus", "worker_gpus", "routing", "ship_adapters")  # ClusterOptions fields = params
+
+
+def _refuse_ray_options_without_ray(ctx: typer.Context) -> None:
+    """A `RAY_ONLY` option given on the command line without `--ray`: a `ConfigError` naming it, one line."""
+    from ..errors import ConfigError
+
+    sources = {name: ctx.get_parameter_source(name) for name in RAY_ONLY}
+    given = [name for name, source in sources.items() if source is not None and source.name == "COMMANDLINE"]
+    if given:
+        verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+        message = f"{', '.join(given)} {verb} only to a run with address; add address, or drop {them}"
+        raise ConfigError(message, fields=(*given, "address"))
+
+
 def run_command(
+    ctx: typer.Context,
     input: Annotated[
         str,
         typer.Argument(
@@ -50,7 +66,8 @@ def run_command(
     ] = None,
     stats: Annotated[str | None, typer.Option(help="Write a JSON summary of the run here", rich_help_panel=IO)] = None,
     json_out: Annotated[
-        bool, typer.Option("--json", help="Print the summary as JSON on stdout", rich_help_panel=IO)
+        bool,
+        typer.Option("--json", help="Print the summary as JSON on stdout (-o -: its last line)", rich_help_panel=IO),
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Start over: replace an existing output", rich_help_panel=IO)] = False,
     strict: Annotated[
@@ -198,6 +215,8 @@ def run_command(
     from ..signals import exit_status, resume_command
     from ..sizes import parse_bytes
 
+    if ray is None:
+        _refuse_ray_options_without_ray(ctx)
     err = Console(stderr=True)
     config = EngineConfig(
         model=model,
@@ -223,9 +242,7 @@ def run_command(
         merge_policy=merge_policy,
         starvation_steps=starvation_steps,
     )
-    if max_tokens < 1:
-        raise typer.BadParameter("must be positive", param_hint="--max-tokens")
-    defaults = SamplingParams(
+    defaults = SamplingParams(  # refuses what a record may not set either (loracli/sampling.py)
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None, ignore_eos=ignore_eos
     )
     options = JobOptions(
@@ -247,8 +264,8 @@ def run_command(
             ship_adapters=ship_adapters,
         )
     summary = run_job(input, output, config, defaults, console=err, options=options)
-    if json_out and output != "-":
-        print(json.dumps(asdict(summary)))
+    if json_out:  # after the results: with `-o -` the summary is stdout's last line
+        print(json.dumps(asdict(summary)), flush=True)
     if summary.interrupted is not None:
         message = stop_message(summary, output, resume_command(sys.argv[1:]))
         err.print(message, highlight=False, soft_wrap=True, markup=False)

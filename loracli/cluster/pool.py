@@ -39,7 +39,7 @@ from pathlib import Path
 
 from ..config import EngineConfig
 from ..errors import ConfigError, InputError, LoracliError
-from ..requests import Request
+from ..requests import Request, RequestId
 from ..results import Counters, Failure, Result, input_error_result
 from ..sampling import SamplingParams
 from .options import ClusterOptions
@@ -103,7 +103,7 @@ class RayPool:
         self.router = make_router(
             options.routing, options.workers, min_queue=config.max_num_seqs, max_waited=2 * self.window
         )
-        self.sent: list[dict[str, Request]] = [{} for _ in self.handles]
+        self.sent: list[dict[RequestId, Request]] = [{} for _ in self.handles]
         self.replies: list[Reply | None] = [None] * len(self.handles)
         self.answered = [0] * len(self.handles)
         self.errors: list[str | None] = [None] * len(self.handles)
@@ -195,7 +195,7 @@ class RayPool:
     def preflight_many(self, reqs: list[Request], defaults: SamplingParams | None = None) -> list[Failure | None]:
         return self.ray.get(self.handles[self.router.live()[0]].preflight_many.remote(reqs, defaults))
 
-    def stop_admitting(self) -> list[str]:
+    def stop_admitting(self) -> list[RequestId]:
         self.stopping = True
         return []
 

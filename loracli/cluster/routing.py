@@ -81,7 +81,7 @@ class Router:
         """Requests queued, not yet taken by any worker."""
         raise NotImplementedError
 
-    def done(self, w: int, ids: Iterable[str]) -> None:
+    def done(self, w: int, ids: Iterable[str | int]) -> None:
         for rid in ids:
             self.workers[w].inflight.pop(rid, None)
 

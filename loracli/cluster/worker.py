@@ -25,7 +25,7 @@ import torch
 
 from ..config import EngineConfig
 from ..engine.engine import Engine
-from ..requests import Request
+from ..requests import Request, RequestId
 from ..results import Counters, Failure, Result
 from ..sampling import SamplingParams
 from .shipping import AdapterInbox
@@ -37,7 +37,7 @@ class Reply:
     counters: Counters
     holds: list[str]  # adapters in a device slot or the CPU cache
     residency: str  # adapters in slots / slots
-    dropped: list[str] = field(default_factory=list)  # ids dropped by stop=True
+    dropped: list[RequestId] = field(default_factory=list)  # ids dropped by stop=True
     peak_rss_mib: float = 0.0  # the worker process's resident-memory high-water mark
 
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from ..adapter_store import AdapterStore
+from ..adapter_store import AdapterStore, refuse_base_names
 from ..config import EngineConfig
 from ..devices import dtype_name, is_out_of_memory, resolve_device, resolve_dtype
 from ..errors import AdapterError, ConfigError, InputError
@@ -27,7 +27,7 @@ from ..model.llama import CausalLM
 from ..model.loader import load_config, load_state_dict, load_tokenizer
 from ..model_source import default_model_name, resolve_model
 from ..quantiles import percentile
-from ..requests import Request
+from ..requests import Request, RequestId
 from ..results import Counters, Failure, Result, input_error_result
 from ..sampling import SamplingParams
 from .block_manager import BlockManager
@@ -60,7 +60,13 @@ class Engine:
         hf_config, self.spec = load_config(folder)
         self.tokenizer = load_tokenizer(folder)
         self.model_name = default_model_name() if config.model in (None, "default") else folder.name
-        self.max_model_len = min(config.max_model_len or self.spec.max_position, self.spec.max_position)
+        refuse_base_names(config.adapters_dir, self.base_names)
+        self.max_model_len = config.max_model_len or self.spec.max_position
+        if self.max_model_len > self.spec.max_position:
+            raise ConfigError(
+                f"max_model_len {self.max_model_len} is above the model's context length {self.spec.max_position}",
+                fields=("max_model_len",),
+            )
         self.eos_ids = self._eos_ids(folder)
         state = load_state_dict(folder, lambda k: not k.startswith("lm_head") or not self.spec.tie_embeddings)
         slots = config.min_loras if config.dynamic_slots else config.max_loras
@@ -305,7 +311,7 @@ class Engine:
         self.scheduler.add(seq)
         return None
 
-    def stop_admitting(self) -> list[str]:
+    def stop_admitting(self) -> list[RequestId]:
         """Drop the requests still waiting (not started): a resumed run does them. Returns their ids."""
         dropped = [seq.request_id for seq in self.scheduler.waiting]
         for seq in self.scheduler.waiting:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ..requests import Request
+from ..requests import Request, RequestId
 from ..sampling import SamplingParams
 
 
@@ -22,7 +22,7 @@ class Status(Enum):
 @dataclass
 class Sequence:
     seq_id: int
-    request_id: str
+    request_id: RequestId
     adapter: str | None
     token_ids: list[int]
     params: SamplingParams

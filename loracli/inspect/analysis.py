@@ -7,8 +7,10 @@ Contract of `inspect_path(path, ...)`:
 - Weights are read lazily (`weights.open_weights`); pickle weights are never unpickled unless
   `allow_pickle=True`, and then only with `torch.load(weights_only=True)`.
 - With `model` (a path, or "default" for the embedded model) only the model's config is read,
-  never its weights, and every tensor is checked against it with `adapters.check_tensors`, the
-  same checks `loracli run` applies; without it only what no supported model accepts is refused.
+  never its weights, and every tensor is checked against it with `adapters.check_tensors` and
+  `adapters.nonfinite_problem`, the same checks `loracli run` applies: an adapter's `problems`
+  are exactly what `run` refuses, its `warnings` what `run` serves anyway; without `model` only
+  what no supported model accepts is refused.
 - Nothing is printed; the result is an `InspectReport` (report.py).
 - Errors: options are validated by `EngineConfig` (its errors and messages). In mode "adapter" a
   missing folder, malformed config or unreadable weights raise `AdapterError` (one line naming
@@ -24,23 +26,14 @@ which needs the model's shapes (None without `model`); a budget of M bytes holds
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..adapters import (
-    CONFIG_NAME,
-    UNSUPPORTED_TARGETS,
-    AdapterConfig,
-    check_tensors,
-    lora_pairs,
-    read_adapter_config,
-    weights_file,
-)
+from ..adapters import CONFIG_NAME, AdapterConfig, check_tensors, lora_pairs, read_adapter_config, weights_file
 from ..config import MAX_LORA_RANK_LIMIT, EngineConfig
 from ..devices import dtype_name, resolve_device, resolve_dtype
 from ..errors import AdapterError
-from ..model.spec import TARGET_MODULES, ModelSpec, lora_pair_bytes
+from ..model.spec import ModelSpec, lora_pair_bytes
 from ..ranks import next_power_of_two
 from .lines import merge_layer_lines
 from .modules import module_summaries
@@ -88,17 +81,17 @@ def inspect_adapter(
     with open_weights(path) as (meta, get):
         shapes = {k: tuple(s) for k, (s, _) in meta.items()}
         pairs = lora_pairs(shapes)
-        modules, norms, warnings = module_summaries(cfg, meta, pairs, get)
+        modules, norms, value_problems = module_summaries(cfg, meta, pairs, get)
     all_zero = bool(norms) and max(norms) == 0.0
-    if all_zero:
-        warnings.insert(0, ZERO_WARNING)
-    problems = merge_layer_lines(target_problems(cfg) + check_tensors(cfg, shapes, spec, max_lora_rank))
+    findings = check_tensors(cfg, shapes, spec, max_lora_rank)
+    problems = merge_layer_lines(findings.problems + value_problems)
+    warnings = merge_layer_lines(([ZERO_WARNING] if all_zero else []) + findings.warnings)
     return AdapterReport(
         name=folder.name,
         path=str(folder),
         status="incompatible" if problems else "warning" if warnings else "ok",
         problems=problems,
-        warnings=merge_layer_lines(warnings),
+        warnings=warnings,
         config=config_summary(cfg),
         weights=_weights_info(path, meta, modules, all_zero),
         cost=_cost(shapes, pairs, spec, dtype_bytes),
@@ -124,13 +117,6 @@ def config_summary(cfg: AdapterConfig) -> dict:
         "rank_pattern": cfg.rank_pattern,
         "alpha_pattern": cfg.alpha_pattern,
     }
-
-
-def target_problems(cfg: AdapterConfig) -> list[str]:
-    """Plain module names in target_modules that no supported model has (regexes are skipped)."""
-    known = TARGET_MODULES + UNSUPPORTED_TARGETS  # the latter are refused by `AdapterConfig.unsupported()`
-    unknown = [t for t in cfg.target_modules if re.fullmatch(r"\w+", t) and t not in known]
-    return [f"target_modules: {t!r} is not a module loracli can adapt ({', '.join(TARGET_MODULES)})" for t in unknown]
 
 
 def smallest_max_lora_rank(rank: int) -> int | None:

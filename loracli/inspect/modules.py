@@ -4,7 +4,8 @@ Contract: `delta_norm(a, b, scale)` is ‖scale·B·A‖_F (A `[r, in]`, B `[out
 float64 without the `[out, in]` product, from r×r matrices: |scale| · sqrt(trace((BᵀB)(AAᵀ))).
 `module_summaries(cfg, meta, pairs, get)` reads one LoRA pair at a time through `get` and returns
 one `ModuleSummary` per module type (`TARGET_MODULES` order, then any other by name), every finite
-delta norm, and warnings: a rank that differs from the config's, non-finite values.
+delta norm, and the problems of the values: tensors holding NaN or infinite values
+(`adapters.nonfinite_problem`, the check `loracli run` makes when it loads the adapter).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import statistics
 from typing import TYPE_CHECKING
 
-from ..adapters import CONFIG_NAME, AdapterConfig
+from ..adapters import AdapterConfig, nonfinite_problem
 from ..model.spec import TARGET_MODULES, ModelSpec
 from .report import ModuleSummary, ShapeGroup
 from .weights import Getter, Meta
@@ -37,16 +38,16 @@ def delta_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
 def module_summaries(
     cfg: AdapterConfig, meta: dict[str, Meta], pairs: dict[tuple[int, str], tuple[str, str]], get: Getter
 ) -> tuple[list[ModuleSummary], list[float], list[str]]:
-    """(per module type summaries, every finite delta norm, warnings) of the well-formed `pairs`."""
+    """(per module type summaries, every finite delta norm, problems of the values) of the well-formed `pairs`."""
     by_module: dict[str, list[_Pair]] = {}
     for (layer, module), (ka, kb) in pairs.items():
         by_module.setdefault(module, []).append((layer, ka, kb))
-    summaries, all_norms, warnings = [], [], []
+    summaries, all_norms, problems = [], [], []
     for module in sorted(by_module, key=_module_order):
-        summary, norms = _summarize(cfg, module, by_module[module], meta, get, warnings)
+        summary, norms = _summarize(cfg, module, by_module[module], meta, get, problems)
         summaries.append(summary)
         all_norms += norms
-    return summaries, all_norms, warnings
+    return summaries, all_norms, problems
 
 
 def _module_order(module: str) -> tuple[int, str]:
@@ -55,20 +56,20 @@ def _module_order(module: str) -> tuple[int, str]:
 
 
 def _summarize(
-    cfg: AdapterConfig, module: str, pairs: list[_Pair], meta: dict[str, Meta], get: Getter, warnings: list[str]
+    cfg: AdapterConfig, module: str, pairs: list[_Pair], meta: dict[str, Meta], get: Getter, problems: list[str]
 ) -> tuple[ModuleSummary, list[float]]:
-    """One module type's summary and its finite delta norms; appends its warnings to `warnings`."""
+    """One module type's summary and its finite delta norms; appends its value problems to `problems`."""
     shapes: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
     ranks, scales, norms, params = set(), set(), [], 0
     for layer, ka, kb in pairs:
         a_shape, b_shape = meta[ka][0], meta[kb][0]
         shapes.setdefault((tuple(a_shape), tuple(b_shape)), []).append(layer)
-        scale = _scale(cfg, layer, module, a_shape[0], warnings)
-        norm = delta_norm(get(ka), get(kb), scale)
-        if math.isfinite(norm):
-            norms.append(norm)
-        else:
-            warnings.append(f"layer {layer} {module}: non-finite values in lora_A / lora_B")
+        scale = _scale(cfg, layer, module, a_shape[0])
+        a, b = get(ka), get(kb)
+        nonfinite = [p for p in (nonfinite_problem(ka, a), nonfinite_problem(kb, b)) if p is not None]
+        problems += nonfinite
+        if not nonfinite:
+            norms.append(delta_norm(a, b, scale))
         ranks.add(a_shape[0])
         scales.add(scale)
         params += math.prod(a_shape) + math.prod(b_shape)
@@ -84,9 +85,6 @@ def _summarize(
     return summary, norms
 
 
-def _scale(cfg: AdapterConfig, layer: int, module: str, rank: int, warnings: list[str]) -> float:
-    """The pair's scale from its own rank and the config's alpha; warns when the config gives another rank."""
-    path = ModelSpec.module_path(layer, module)
-    if cfg.module_rank(path) != rank:
-        warnings.append(f"layer {layer} {module}: rank {rank} in the weights, {cfg.module_rank(path)} in {CONFIG_NAME}")
-    return cfg.scale(rank, cfg.module_alpha(path)) if rank else 0.0
+def _scale(cfg: AdapterConfig, layer: int, module: str, rank: int) -> float:
+    """The pair's scale from its own rank and the config's alpha (a rank unlike the config's is a problem elsewhere)."""
+    return cfg.scale(rank, cfg.module_alpha(ModelSpec.module_path(layer, module))) if rank else 0.0

@@ -4,7 +4,8 @@ Contract of `open_weights(path)`: a context manager yielding `(meta, get)`, wher
 `{key: (shape, dtype name)}` and `get(key)` reads one tensor. For safetensors, shapes and dtypes
 come from the header only (`safe_open`) and a tensor is read only when asked for. A pickle file
 (which the caller has allowed: `adapters.weights_file`) is read whole by `adapters.read_tensors`,
-with `torch.load(weights_only=True)`. A file that cannot be read raises `AdapterError` naming it.
+with `torch.load(weights_only=True)`. A file that cannot be read, or a pickle that is not a state
+dict of named tensors, raises `AdapterError` naming it, one line.
 """
 
 from __future__ import annotations
@@ -73,10 +74,6 @@ def _header(f) -> dict[str, Meta]:
 
 
 def _pickle_weights(path: Path) -> tuple[dict[str, Meta], Getter]:
-    import torch
-
     tensors = read_tensors(path)
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise AdapterError(str(path), "not a state dict of named tensors")
     meta = {k: (list(v.shape), dtype_name(v.dtype)) for k, v in tensors.items()}
     return meta, tensors.__getitem__

@@ -5,24 +5,34 @@ Contract: `pickle_weight_files(folder)` lists a model folder's pickled weight fi
 is never counted as weights) and returns `[]` when there are none. `convert_pickle(folder,
 weight_files, dest)` copies the folder's other files into the existing folder `dest` and writes the
 weights as safetensors with their dtypes kept: one `model.safetensors`, or one shard per pickle
-file plus `model.safetensors.index.json`. Pickles are loaded with `torch.load(weights_only=True)`;
-one holding more than tensors, or not a state dict of named tensors, is a one-line `ModelError`.
-A tied `lm_head.weight` is left out (it is re-tied on load). torch and safetensors are imported
-only inside the conversion.
+file plus `model.safetensors.index.json`. A tied `lm_head.weight` is left out (it is re-tied on
+load). torch and safetensors are imported only inside the conversion.
+
+`load_tensor_pickle(path, refuse)` is the one reader of pickled weights, for models and adapters:
+`torch.load(weights_only=True)` with torch's warnings silenced; a file holding more than tensors,
+unreadable, or not a state dict of named tensors raises `refuse(reason)`, the reason one line
+without the path (here a `ModelError` naming the file).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from loracli.errors import ModelError
+from loracli.errors import LoracliError, ModelError
 from loracli.model_source.model_folder import SAFETENSORS_INDEX, read_index
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+if TYPE_CHECKING:
+    import torch
 
 
 def pickle_weight_files(folder: Path) -> list[Path]:
@@ -64,29 +74,44 @@ def _write_shards(weight_files: list[Path], tied: bool, dest: Path) -> tuple[dic
     total = 0
     for number, source in enumerate(weight_files, start=1):
         name = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
-        tensors = _safetensors_ready(_load_pickle_state_dict(source), tied)
+        state = load_tensor_pickle(source, lambda reason, path=source: ModelError(f"{path}: {reason}"))
+        tensors = _safetensors_ready(state, tied)
         _save_safetensors(tensors, dest / name)
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     return weight_map, total
 
 
-def _load_pickle_state_dict(path: Path) -> dict[str, object]:
+def load_tensor_pickle(path: Path, refuse: Callable[[str], LoracliError]) -> dict[str, torch.Tensor]:
+    """The named tensors of a pickle (a state dict, or one under "state_dict" or "model"); else `refuse(reason)`."""
     import pickle
+    import warnings
 
     import torch
 
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the outcome is reported instead
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ModelError(f"{path}: holds more than tensors; refusing to unpickle it") from exc
+        raise refuse(f"holds more than plain tensors, or is no torch pickle; not run ({_load_failure(exc)})") from exc
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a corrupt file to the user
+        raise refuse(f"unreadable weights ({_load_failure(exc)})") from exc
     candidates = [loaded]
     if isinstance(loaded, dict):
         candidates += [loaded.get("state_dict"), loaded.get("model")]
     for candidate in candidates:
         if _is_tensor_dict(candidate, torch.Tensor):
             return candidate
-    raise ModelError(f"{path}: not a state dict of named tensors")
+    raise refuse("not a state dict of named tensors")
+
+
+def _load_failure(exc: BaseException) -> str:
+    """A `torch.load` failure in one line: the weights-only unpickler's own reason when it gives one."""
+    text = _ANSI.sub("", str(exc)).split("WeightsUnpickler error:", 1)[-1]
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    reason = line.split(". ", 1)[0].rstrip(".")
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
 def _is_tensor_dict(candidate: object, tensor_type: type) -> bool:
