@@ -47,7 +47,9 @@ from .outputs import INPUT_ERROR_TYPES, disk_full_fails
 from .requests import RecordError, Request, is_id
 
 SIDECAR_SUFFIX = ".loracli.json"
-SIDECAR_VERSION = 1
+# 2: ids keep their type (1 and "1" differ) and a record without one is "#<line>"; outputs of
+# version 1 wrote such ids differently, so resuming one could answer records twice: refused.
+SIDECAR_VERSION = 2
 FINGERPRINT_BYTES = 1 << 20
 DONE, SEEN = 1, 2  # IdTable flags: answered by an earlier run; met earlier in this input
 
@@ -110,8 +112,13 @@ class JobIdentity:
     @classmethod
     def from_json(cls, text: str) -> JobIdentity:
         data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != SIDECAR_VERSION:
-            raise ValueError("unknown sidecar version")
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if data.get("version") != SIDECAR_VERSION:
+            raise ValueError(
+                f"written by another loracli version (sidecar version {data.get('version')!r}, "
+                f"this one reads {SIDECAR_VERSION}), whose ids may not match this one's"
+            )
         return cls(
             str(data["input"]),
             data.get("fingerprint"),

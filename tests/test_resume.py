@@ -28,6 +28,7 @@ from loracli.resume import (
     Ledger,
     Settled,
     classify,
+    fingerprint,
     plan_output,
     repair,
     sidecar_path,
@@ -297,3 +298,18 @@ def test_a_full_disk_writing_the_sidecar_is_one_line_naming_it(tmp_path, monkeyp
     with pytest.raises(DiskFullError, match="free space, then rerun the same command") as info:
         write_sidecar(out, _identity(tmp_path))
     assert str(info.value).startswith(f"cannot write {sidecar_path(out)}: No space left on device;")
+
+
+def test_an_output_of_the_previous_id_scheme_is_refused_not_answered_twice(tmp_path):
+    """Sidecar version 1 wrote implicit ids as "12" and int ids as strings: resuming such an output
+    would run its records again, so it is refused with a one-line reason and the way out."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "1", "adapter": null, "text": "x"}\n')
+    identity = JobIdentity(str(inp), fingerprint(str(inp)), {}, None, [])
+    old = json.loads(identity.to_json())
+    old["version"] = 1
+    sidecar_path(str(out)).write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="another loracli version .*set overwrite to start over") as info:
+        plan_output(str(out), str(inp), None, identity, False)
+    assert "\n" not in str(info.value) and "overwrite" in info.value.fields
