@@ -28,6 +28,8 @@ LIGHT = [
     "loracli.resume",
     "loracli.input_sources",
     "loracli.job",
+    "loracli.output_lock",
+    "loracli.run_progress",
     "loracli.signals",
     "loracli.sizes",
     "loracli.devices",
