@@ -6,6 +6,9 @@ model runner does), every run is a contiguous slice and the ops need no gather/s
 otherwise `order` is the stable permutation that sorts tokens by slot, and the runs index
 positions in that sorted order (so `order[start:end]` are the run's tokens).
 
+`invariant` asks for results per token that do not depend on the rest of the batch (deterministic
+mode): the torch backend then always takes its bmm path, on a grid padded to whole row tiles.
+
 Backends derive further layouts from the runs (device segment tables for Triton, padded
 slot groups for the CPU batched path). They are built lazily, at most once per step, through
 `LoraMeta.cached`, so a backend that does not use a layout never pays for it.
@@ -29,6 +32,7 @@ class LoraMeta:
     order: torch.Tensor | None  # [T] int64 permutation sorting tokens by slot, or None when runs are slices
     num_tokens: int
     max_slot: int  # largest slot used, -1 when no token uses LoRA
+    invariant: bool = False  # a token's result must not depend on the other tokens (deterministic mode)
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # backend layouts, see `cached`
 
     @property
@@ -55,7 +59,7 @@ def _runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def build_meta(token_slot: Sequence[int], device: torch.device | str = "cpu") -> LoraMeta:
+def build_meta(token_slot: Sequence[int], device: torch.device | str = "cpu", invariant: bool = False) -> LoraMeta:
     """Group `token_slot` (python ints, -1 = no LoRA) into slot runs; see module docstring."""
     slots = [int(s) for s in token_slot]
     if any(s < -1 for s in slots):
@@ -68,4 +72,4 @@ def build_meta(token_slot: Sequence[int], device: torch.device | str = "cpu") ->
         order = torch.tensor(perm, dtype=torch.int64, device=device)
         runs = _runs([slots[t] for t in perm])
     ts = torch.tensor(slots, dtype=torch.int64, device=device)
-    return LoraMeta(ts, runs, order, len(slots), max(used, default=-1))
+    return LoraMeta(ts, runs, order, len(slots), max(used, default=-1), invariant)

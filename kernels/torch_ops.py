@@ -1,6 +1,13 @@
 """The CPU path: grouped GEMMs in plain torch, same semantics as `reference`.
 
-Two strategies; `use_bmm` picks one per op and step (cached on the meta):
+Two strategies; `use_bmm` picks one per op and step (cached on the meta). With `meta.invariant`
+(deterministic mode) both compute a token's row with the same GEMM, whose bits do not follow the
+batch: the grid's width, and each slot's rows in ``runs`` (`tiled_runs`: one span per slot), are
+padded to whole tiles of `invariant.ROW_TILE`; every slot uses all R rank columns (the caller pads
+R to whole tiles too, see `MultiLoraLinear`; columns past a slot's rank are masked); the expand
+adds into `out` with one rounding. Measured here: such a GEMM gives a row the same bits whatever
+the rows per slot, the number of slots and the rank width, and `mm` equals one item of `bmm`
+(`addmm_` one of `baddbmm_`), so the cost model may still pick either strategy.
 
 * ``runs``: one GEMM per slot run on contiguous slices (plus one gather of the batch and one
   gather-back of the results when `meta.order` is set). FLOPs are exactly the useful ones and
@@ -11,6 +18,7 @@ Two strategies; `use_bmm` picks one per op and step (cached on the meta):
   `bmm` per op however many slots there are. Ranks are applied as a mask, so a slot of rank
   r < R costs R columns of FLOPs, and padding cells cost FLOPs too. When the tokens are already
   sorted by slot in equal counts (the model runner's usual batch) the grid is `x` itself: no copy.
+  The expand adds into `out` in the bmm (`baddbmm_`), so the sum is rounded once either way.
 
 The choice is a cost model: bmm unless its padding FLOPs exceed the fixed cost of the GEMM calls
 it saves. Measured (`python -m loracli.kernels.bench --strategy auto runs bmm`): bmm wins for every
@@ -28,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import invariant
 from .meta import LoraMeta
 
 # Fixed cost of one small GEMM call in FLOPs of a skinny bmm, per dtype (see `use_bmm`), measured on
@@ -58,35 +67,72 @@ def slot_grid(meta: LoraMeta) -> SlotGrid:
     return meta.cached("torch.grid", lambda: _build_grid(meta))
 
 
-def _build_grid(meta: LoraMeta) -> SlotGrid:
-    slots = meta.token_slot.tolist()
+def _members(meta: LoraMeta) -> dict[int, list[int]]:
+    """Used slot -> its tokens, ascending; slots ascending."""
     members: dict[int, list[int]] = {}
-    for t, s in enumerate(slots):
+    for t, s in enumerate(meta.token_slot.tolist()):
         if s >= 0:
             members.setdefault(s, []).append(t)
-    used = sorted(members)
-    width = max(len(m) for m in members.values())
-    src = []
-    dst = [len(used) * width] * len(slots)
-    for g, s in enumerate(used):
-        row = members[s]
-        src.extend(row[min(j, len(row) - 1)] for j in range(width))
+    return dict(sorted(members.items()))
+
+
+def _pack(members: dict[int, list[int]], num_tokens: int, widths: list[int]) -> tuple[list[int], list[int]]:
+    """(src, dst): slot g's tokens in `widths[g]` consecutive rows, padded by repeating its last token;
+    dst is each token's row, or the row after the last (the zero row) for slot -1 tokens."""
+    src: list[int] = []
+    dst = [sum(widths)] * num_tokens
+    for row, width in zip(members.values(), widths, strict=True):
         for j, t in enumerate(row):
-            dst[t] = g * width + j
-    dev = meta.token_slot.device
+            dst[t] = len(src) + j
+        src.extend(row[min(j, len(row) - 1)] for j in range(width))
+    return src, dst
 
-    def index(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=dev)
 
+def _index(meta: LoraMeta, values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=meta.token_slot.device)
+
+
+def _build_grid(meta: LoraMeta) -> SlotGrid:
+    members = _members(meta)
+    used = list(members)
+    width = max(len(m) for m in members.values())
+    if meta.invariant:
+        width = invariant.tiled(width)
+    src, dst = _pack(members, meta.num_tokens, [width] * len(used))
     return SlotGrid(
         slots=tuple(used),
         width=width,
-        identity=src == list(range(len(slots))),
-        slot_index=None if used == list(range(len(used))) else index(used),
-        src=index(src),
-        dst=index(dst),
+        identity=src == list(range(meta.num_tokens)),
+        slot_index=None if used == list(range(len(used))) else _index(meta, used),
+        src=_index(meta, src),
+        dst=_index(meta, dst),
         lora_tokens=sum(len(m) for m in members.values()),
     )
+
+
+@dataclass(frozen=True)
+class TiledRuns:
+    """Deterministic mode's layout for one GEMM per slot: each used slot's tokens in a span of rows
+    padded to whole tiles (`invariant.tiled`), so every GEMM has the row count of a tile multiple.
+    `src`/`dst` gather into and out of it as `SlotGrid`'s do (P rows, plus a zero row P)."""
+
+    spans: tuple[tuple[int, int, int], ...]  # (slot, first row, end row) in the padded layout
+    src: torch.Tensor  # [P] token feeding each row; padding rows repeat a real token of their slot
+    dst: torch.Tensor  # [T] row of each token, P for slot -1 tokens
+
+
+def tiled_runs(meta: LoraMeta) -> TiledRuns:
+    """The tiled-runs layout of `meta` (built once per step)."""
+
+    def build() -> TiledRuns:
+        members = _members(meta)
+        widths = [invariant.tiled(len(m)) for m in members.values()]
+        src, dst = _pack(members, meta.num_tokens, widths)
+        ends = [sum(widths[: g + 1]) for g in range(len(widths))]
+        spans = tuple((s, end - w, end) for s, w, end in zip(members, widths, ends, strict=True))
+        return TiledRuns(spans, _index(meta, src), _index(meta, dst))
+
+    return meta.cached("torch.tiled_runs", build)
 
 
 def inverse_order(meta: LoraMeta) -> torch.Tensor:
@@ -98,6 +144,11 @@ def inverse_order(meta: LoraMeta) -> torch.Tensor:
         return inv
 
     return meta.cached("torch.inverse_order", build)
+
+
+def lora_rows(meta: LoraMeta) -> torch.Tensor:
+    """[n] int64 the tokens with a slot, ascending (built once per step)."""
+    return meta.cached("torch.lora_rows", lambda: (meta.token_slot >= 0).nonzero().flatten())
 
 
 def use_bmm(meta: LoraMeta, D: int, R: int, dtype: torch.dtype) -> bool:
@@ -186,12 +237,17 @@ def expand_bmm(
     view = out.narrow(1, offset, N)  # [T, N]
     if grid.identity:
         view.view(G, L, N).baddbmm_(yk.view(G, L, R), Bt)
-    else:
-        view.add_(_grid_bmm(grid, yk, Bt).index_select(0, grid.dst))
+        return
+    acc = view.index_select(0, grid.src).view(G, L, N)
+    acc.baddbmm_(yk.index_select(0, grid.src).view(G, L, R), Bt)
+    rows = lora_rows(meta)
+    view.index_copy_(0, rows, acc.view(G * L, N).index_select(0, grid.dst.index_select(0, rows)))
 
 
 def shrink_runs(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None) -> torch.Tensor:
-    """`lora_shrink` as one GEMM per slot run, at each slot's real rank."""
+    """`lora_shrink` as one GEMM per slot run, at each slot's real rank (`meta.invariant`: `shrink_tiled`)."""
+    if meta.invariant:
+        return shrink_tiled(x, A, meta, ranks)
     T, R = x.shape[0], A.shape[1]
     src = x if meta.order is None else x.index_select(0, meta.order)  # [T, K] sorted by slot
     ys = x.new_zeros(T, R)
@@ -204,6 +260,46 @@ def shrink_runs(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequenc
     return ys if meta.order is None else ys.index_select(0, inverse_order(meta))
 
 
+def shrink_tiled(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None) -> torch.Tensor:
+    """`lora_shrink` in deterministic mode, one GEMM per slot on `tiled_runs`: all R rank columns
+    (masked after), a tile multiple of rows, the very GEMM one item of the tiled grid's bmm runs
+    (measured: mm equals bmm item for item), so a token's bits do not depend on the strategy."""
+    lay, R = tiled_runs(meta), A.shape[1]
+    xs = x.index_select(0, lay.src)
+    ys = x.new_empty(xs.shape[0] + 1, R)
+    ys[-1].zero_()
+    for slot, a, b in lay.spans:
+        if _rank_of(ranks, slot, R):
+            torch.mm(xs[a:b], A[slot].T, out=ys[a:b])
+        else:
+            ys[a:b].zero_()
+    y = ys.index_select(0, lay.dst)
+    short = _short_rank_mask(meta, ranks, R)
+    return y if short is None else y.masked_fill_(short, 0)
+
+
+def expand_tiled(
+    y: torch.Tensor,
+    B: torch.Tensor,
+    meta: LoraMeta,
+    out: torch.Tensor,
+    offset: int = 0,
+    ranks: Sequence[int] | None = None,
+) -> None:
+    """`lora_expand` in deterministic mode: as `shrink_tiled`, adding into `out` with one rounding
+    (`addmm_`, which equals one item of `baddbmm_`)."""
+    lay, N, R = tiled_runs(meta), B.shape[1], B.shape[2]
+    short = _short_rank_mask(meta, ranks, R)
+    ys = (y if short is None else y.masked_fill(short, 0)).index_select(0, lay.src)
+    view = out.narrow(1, offset, N)  # [T, N]
+    acc = view.index_select(0, lay.src)
+    for slot, a, b in lay.spans:
+        if _rank_of(ranks, slot, R):
+            acc[a:b].addmm_(ys[a:b], B[slot].T)
+    rows = lora_rows(meta)
+    view.index_copy_(0, rows, acc.index_select(0, lay.dst.index_select(0, rows)))
+
+
 def expand_runs(
     y: torch.Tensor,
     B: torch.Tensor,
@@ -212,7 +308,10 @@ def expand_runs(
     offset: int = 0,
     ranks: Sequence[int] | None = None,
 ) -> None:
-    """`lora_expand` as one GEMM per slot run, at each slot's real rank."""
+    """`lora_expand` as one GEMM per slot run, at each slot's real rank (`meta.invariant`: `expand_tiled`)."""
+    if meta.invariant:
+        expand_tiled(y, B, meta, out, offset, ranks)
+        return
     N, R = B.shape[1], B.shape[2]
     view = out.narrow(1, offset, N)  # [T, N]
     if meta.order is None:

@@ -59,6 +59,8 @@ class EngineConfig:
     max_resizes: int = 8
     verify_slots: bool = False  # after every resize, check each slot's weights against the CPU copy
     merge_policy: str = "auto"  # auto | never | always-single (engine/merge_policy.py)
+    # Batch-invariant kernels: a request's tokens do not depend on what shares its batch (model/llama.py).
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -94,6 +96,10 @@ class EngineConfig:
         if self.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.num_kv_blocks)
         self._check_slots()
+        if not isinstance(self.deterministic, bool):
+            raise ConfigError(
+                f"deterministic must be true or false, got {self.deterministic!r}", fields=("deterministic",)
+            )
         if self.merge_policy not in MERGE_POLICIES:
             raise ConfigError(
                 f"merge_policy must be one of {', '.join(MERGE_POLICIES)}, got {self.merge_policy!r}",

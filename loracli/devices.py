@@ -2,14 +2,35 @@
 
 One place for the rule, shared by the engine, `inspect-adapter` and `bench`. torch is imported
 when a function is called, so importing this module stays light.
+
+`--dtype auto` on CPU is measured, not read from CPU flags: at first use a probe (about 1 s)
+times a SmolLM2-sized matmul (`PROBE_SHAPES`) in float32 and bfloat16, and checks that the
+deterministic-mode linear (`loracli.kernels.invariant.linear`) gives a row the same bits at 1, 7
+and 64 rows in bfloat16. bfloat16 is picked only when it is at least `BF16_MIN_SPEEDUP` times
+faster at every shape and invariant; else float32. The figures and the pick are cached in
+`<cache root>/cpu_dtype.json` under a key of the CPU's model name, its flags and the torch
+version, so every later run on that kind of machine reads them (`cpu_dtype_probe`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+PROBE_FILE = "cpu_dtype.json"
+PROBE_SHAPES = ((64, 576, 1536), (256, 576, 1536))  # rows x in x out: SmolLM2's MLP at decode / prefill sizes
+PROBE_SECONDS = 0.2  # timing per shape and dtype
+BF16_MIN_SPEEDUP = 1.2
+DTYPE_NAMES = ("float32", "bfloat16")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,9 +72,124 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    fast_bf16 = any(getattr(torch.cpu, p, lambda: False)() for p in probes)
-    return torch.bfloat16 if fast_bf16 else torch.float32
+    return getattr(torch, cpu_dtype_probe()["pick"])
+
+
+def cpu_dtype_probe(seconds: float = PROBE_SECONDS) -> dict[str, Any]:
+    """This machine's `--dtype auto` figures and pick: from the cache, else measured and cached.
+
+    A cache that cannot be written only costs measuring again next time.
+    """
+    from .model_source import cache_root
+
+    path = cache_root() / PROBE_FILE
+    key = machine_key()
+    entries = _read_entries(path)
+    if key not in entries:
+        entries[key] = measure_cpu_dtypes(seconds)
+        try:
+            _write_entries(path, entries)
+        except OSError:
+            pass
+    return entries[key]
+
+
+def machine_key() -> str:
+    """A short hash of the CPU's model name, its flags and the torch version."""
+    import torch
+
+    model, flags = _cpu_identity()
+    return hashlib.sha256(f"{model}\n{flags}\n{torch.__version__}".encode()).hexdigest()[:16]
+
+
+def _cpu_identity() -> tuple[str, str]:
+    """(model name, flags) from /proc/cpuinfo, or what `platform` knows elsewhere."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    return model, " ".join(sorted((fields.get("flags") or fields.get("Features") or "").split()))
+
+
+def measure_cpu_dtypes(seconds: float = PROBE_SECONDS) -> dict[str, Any]:
+    """Time `PROBE_SHAPES` in float32 and bfloat16, check bfloat16 row invariance, and pick."""
+    import torch
+
+    matmuls = []
+    for rows, fan_in, fan_out in PROBE_SHAPES:
+        ms = {name: 1e3 * _linear_seconds(getattr(torch, name), rows, fan_in, fan_out, seconds) for name in DTYPE_NAMES}
+        matmuls.append({"rows": rows, "in": fan_in, "out": fan_out, **{f"{k}_ms": round(v, 4) for k, v in ms.items()}})
+    invariant = _bf16_rows_invariant()
+    return {
+        "cpu": _cpu_identity()[0],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "matmuls": matmuls,
+        "bf16_invariant": invariant,
+        "pick": pick_cpu_dtype(matmuls, invariant),
+    }
+
+
+def pick_cpu_dtype(matmuls: list[dict[str, Any]], bf16_invariant: bool) -> str:
+    """bfloat16 when it is invariant and at least `BF16_MIN_SPEEDUP` times faster at every shape."""
+    fast = all(m["float32_ms"] >= BF16_MIN_SPEEDUP * m["bfloat16_ms"] for m in matmuls)
+    return "bfloat16" if bf16_invariant and fast else "float32"
+
+
+def _linear_seconds(dtype: torch.dtype, rows: int, fan_in: int, fan_out: int, seconds: float) -> float:
+    """Seconds per call of the deterministic-mode linear at this shape, over about `seconds`."""
+    import torch
+
+    from .kernels.invariant import linear
+
+    x, w = torch.randn(rows, fan_in).to(dtype), (torch.randn(fan_out, fan_in) * fan_in**-0.5).to(dtype)
+    for _ in range(3):
+        linear(x, w)
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or calls == 0:
+        linear(x, w)
+        calls += 1
+    return elapsed / calls
+
+
+def _bf16_rows_invariant() -> bool:
+    """Whether the deterministic-mode linear gives rows the same bits at 1, 7 and 64 rows in bfloat16."""
+    import torch
+
+    from .kernels.invariant import linear
+
+    rows, fan_in, fan_out = PROBE_SHAPES[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, fan_in, generator=gen).bfloat16()
+    w = (torch.randn(fan_out, fan_in, generator=gen) * fan_in**-0.5).bfloat16()
+    full = linear(x, w)
+    return all(torch.equal(linear(x[:n], w), full[:n]) for n in (1, 7))
+
+
+def _read_entries(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_entries(path: Path, entries: dict[str, Any]) -> None:
+    """Replace the file in one step, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(entries, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def dtype_name(dtype: torch.dtype) -> str:

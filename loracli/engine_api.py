@@ -46,6 +46,10 @@ class BatchEngine(Protocol):
         """Start no new request; those in flight finish. Returns the ids dropped unstarted."""
         ...
 
+    def abort(self) -> None:
+        """Drop every request, started or not (after a failed or forced stop of a job)."""
+        ...
+
     def counters(self) -> Counters: ...
 
     def reports(self) -> dict:

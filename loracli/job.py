@@ -140,6 +140,7 @@ def job_identity(input_path: str, config: EngineConfig, defaults: SamplingParams
         "seed": config.seed,
         "ignore_eos": defaults.ignore_eos,
         "dtype": config.dtype,
+        "deterministic": config.deterministic,  # off, the last bits (and so some tokens) follow the batch
         "max_model_len": config.max_model_len,
         "fields": options.fields.as_dict(),
     }
@@ -327,6 +328,8 @@ def _with_engine(
     finally:
         if owned:
             engine.close()
+        else:  # a caller's engine: nothing of this job may leak into its next one
+            engine.abort()
 
 
 def _make_engine(config: EngineConfig, options: JobOptions, console: Console) -> BatchEngine:

@@ -344,3 +344,20 @@ def test_progress_line_counts_settled_records_as_free_in_the_eta():
     assert progress.line() == "loracli run: 15/40 done (37%), 20.0 tok/s, 0:00:05 elapsed, ETA 0:00:19"
     progress.total = None
     assert progress.line() == "loracli run: 15 done, 20.0 tok/s, 0:00:05 elapsed"
+
+
+def test_a_failed_job_leaves_nothing_for_the_next_job_on_the_same_engine(llama_dir, llama_adapters, tmp_path):
+    """A job whose engine step raised leaves sequences admitted; the caller's next job on that engine
+    must answer exactly its own records (no results of the failed job's requests leak into it)."""
+    eng = tiny_engine(llama_dir, llama_adapters)
+    first = write_jsonl(tmp_path / "first.jsonl", prompts(6))
+    real_run = eng.model_runner.run
+    eng.model_runner.run = lambda seqs, is_prefill: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        run(eng, first, tmp_path / "first.out.jsonl")
+    eng.model_runner.run = real_run
+    second = write_jsonl(tmp_path / "second.jsonl", [{**p, "id": f"s{i}"} for i, p in enumerate(prompts(4))])
+    summary = run(eng, second, tmp_path / "second.out.jsonl", max_tokens=2)
+    ids = [r["id"] for r in read_output(tmp_path / "second.out.jsonl")]
+    assert summary.requests == 4 and sorted(ids) == ["s0", "s1", "s2", "s3"]
+    assert not eng.has_work() and eng.blocks.num_free == eng.blocks.num_blocks

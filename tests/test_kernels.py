@@ -119,6 +119,21 @@ def _on(device: str, case: dict) -> dict:
     return {**moved, "meta": build_meta(slots, device)}
 
 
+def invariant_ops() -> tuple[Shrink, Expand]:
+    """The CPU path given deterministic-mode metadata (`build_meta(..., invariant=True)`)."""
+
+    def again(meta):
+        return build_meta(meta.token_slot.tolist(), meta.token_slot.device, invariant=True)
+
+    def shrink(x, A, meta, ranks=None):
+        return torch_ops.lora_shrink(x, A, again(meta), ranks)
+
+    def expand(y, B, meta, out, offset=0, ranks=None):
+        torch_ops.lora_expand(y, B, again(meta), out, offset, ranks)
+
+    return shrink, expand
+
+
 def backend_ops(name: str, tops) -> tuple[Shrink, Expand]:
     """(shrink, expand) of a named backend; Triton ones take and give CPU tensors in the interpreter."""
     if name == "torch":
@@ -127,12 +142,14 @@ def backend_ops(name: str, tops) -> tuple[Shrink, Expand]:
         return torch_ops.shrink_runs, torch_ops.expand_runs
     if name == "torch-bmm":
         return torch_ops.shrink_bmm, torch_ops.expand_bmm
+    if name == "torch-invariant":
+        return invariant_ops()
     if name == "triton-sgmv":
         return tops.sgmv_shrink, tops.sgmv_expand
     return tops.bgmv_shrink, tops.bgmv_expand
 
 
-TORCH_BACKENDS = ("torch", "torch-runs", "torch-bmm")
+TORCH_BACKENDS = ("torch", "torch-runs", "torch-bmm", "torch-invariant")
 TRITON_BACKENDS = ("triton-sgmv", "triton-bgmv")
 
 
@@ -235,12 +252,13 @@ def test_offset_zero_and_flush_right():
     ranks=st.lists(st.integers(0, 8), min_size=6, max_size=6),
 )
 def test_torch_path_property(slots, ranks):
-    """Any slot layout and ranks: the CPU path (both strategies) equals the reference."""
+    """Any slot layout and ranks: the CPU path (every strategy) equals the reference."""
     case = make_case(torch.float32, 8, slots, 6, seed=len(slots))
     for shrink, expand in (
         (torch_ops.lora_shrink, torch_ops.lora_expand),
         (torch_ops.shrink_runs, torch_ops.expand_runs),
         (torch_ops.shrink_bmm, torch_ops.expand_bmm),
+        invariant_ops(),
     ):
         if not case["meta"].runs and shrink is not torch_ops.lora_shrink:
             continue  # the strategies are only called with some LoRA token
@@ -280,6 +298,54 @@ def test_cpu_strategy_cost_model():
     assert not torch_ops.use_bmm(sorted_decode, 576, 16, torch.float16)
     skewed_prefill = build_meta(sorted(random.Random(0).choices(range(8), [1, 0.01] * 4, k=2048)))
     assert not torch_ops.use_bmm(skewed_prefill, 576, 16, torch.float32)
+
+
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
+def test_invariant_meta_gives_each_token_the_same_bits_in_any_batch(dname):
+    """With `invariant` metadata (deterministic mode) a token's shrink and expand results depend on
+    its row, its slot's weights and rank only: not on the batch size, the other slots in the batch,
+    the slot index its adapter sits in, whether the tokens come sorted by slot, the rank width (16
+    or 32 columns: what `MultiLoraLinear` passes when a rank-32 adapter joins the slots), nor the
+    strategy the cost model picks."""
+    dtype = DTYPES[dname]
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(70, K_IN, generator=gen).to(dtype)
+    out = torch.randn(70, N_OUT + OFFSET, generator=gen).to(dtype)
+    A = (torch.randn(6, 32, K_IN, generator=gen) * K_IN**-0.5).to(dtype)
+    B = (torch.randn(6, N_OUT, 32, generator=gen) * 0.25).to(dtype)
+    ranks = [16, 4, 0, 16, 9, 32]
+    for slot, r in enumerate(ranks):  # zero past every real rank, as MultiLoraLinear's buffers are
+        A[slot, r:] = 0
+        B[slot, :, r:] = 0
+
+    def token0(slots: list[int], rows: list[int], moved=None, width: int = 16, ops=(lora_shrink, lora_expand)):
+        """Shrink and expand of x[rows] over `width` rank columns; slot s's adapter sits at
+        moved.get(s, s); the results of row 0."""
+        moved = moved or {}
+        A2, B2, r2 = A[:, :width].clone(), B[:, :, :width].clone(), [min(r, width) for r in ranks]
+        for old, new in moved.items():
+            A2[new], B2[new], r2[new] = A[old, :width], B[old, :, :width], ranks[old]
+        meta = build_meta([moved.get(s, s) for s in slots], invariant=True)
+        y = ops[0](x[rows], A2, meta, r2)
+        o = out[rows].clone()
+        ops[1](y, B2, meta, o, OFFSET, r2)
+        return y[0, :16], o[0]
+
+    alone = token0([3], [0])
+    cases = {
+        "a run of 7 tokens of one slot": token0([3] * 7, list(range(7))),
+        "a run of 64": token0([3] * 64, list(range(64))),
+        "sorted by slot, with a slot -1 token": token0([3, 3, 0, 0, 1, 4, 4, 5, -1], [0, 5, 6, 7, 8, 9, 10, 11, 12]),
+        "not sorted: the gathered path": token0([3, 0, 3, 1, 0, -1, 4, 3], [0, 20, 21, 22, 23, 24, 25, 26]),
+        "another slot index": token0([3, 3, 1], [0, 1, 2], moved={3: 0, 1: 4}),
+        "32 rank columns": token0([3, 5, 5, 0], [0, 1, 2, 3], width=32),
+    }
+    mix = ([3, 3, 3, 0, 1, 4], [0, 1, 2, 9, 3, 4])  # contiguous runs, the token first
+    for ops in ((torch_ops.shrink_runs, torch_ops.expand_runs), (torch_ops.shrink_bmm, torch_ops.expand_bmm)):
+        cases[ops[0].__name__] = token0(*mix, ops=ops)
+        cases[f"{ops[0].__name__}, not sorted"] = token0([3, 0, 3, -1], [0, 5, 6, 7], ops=ops)
+    for name, got in cases.items():
+        assert torch.equal(got[0], alone[0]) and torch.equal(got[1], alone[1]), name
 
 
 def test_package_imports_without_triton():

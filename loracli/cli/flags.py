@@ -37,6 +37,7 @@ FLAGS: dict[str, str] = {
     "slot_cooldown_steps": "--slot-cooldown",
     "verify_slots": "--verify-slots",
     "merge_policy": "--merge-policy",
+    "deterministic": "--deterministic",
     # loracli.sampling.SamplingParams: the defaults of `run` (`seed` above: the run's seed)
     "max_tokens": "--max-tokens",
     "temperature": "--temperature",

@@ -87,6 +87,14 @@ def run_command(
     ] = None,
     dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16|float16", rich_help_panel=MODEL)] = "auto",
     device: Annotated[str, typer.Option(help="auto|cpu|cuda", rich_help_panel=MODEL)] = "auto",
+    deterministic: Annotated[
+        bool,
+        typer.Option(
+            "--deterministic/--no-deterministic",
+            help="Batch-invariant kernels: a request's tokens do not depend on what else is in its batch",
+            rich_help_panel=MODEL,
+        ),
+    ] = True,
     allow_pickle: Annotated[
         bool, typer.Option(help="Allow pickle (.bin) weights: only for trusted files", rich_help_panel=MODEL)
     ] = False,
@@ -241,6 +249,7 @@ def run_command(
         verify_slots=verify_slots,
         merge_policy=merge_policy,
         starvation_steps=starvation_steps,
+        deterministic=deterministic,
     )
     defaults = SamplingParams(  # refuses what a record may not set either (loracli/sampling.py)
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None, ignore_eos=ignore_eos

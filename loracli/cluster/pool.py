@@ -199,6 +199,10 @@ class RayPool:
         self.stopping = True
         return []
 
+    def abort(self) -> None:
+        """Nothing more to drop: the driver forgets what it did not get back; a pool serves one job."""
+        self.stopping = True
+
     def residency(self) -> str:
         states = zip(self.replies, self.router.workers, strict=True)
         return " ".join(f"w{i}:{r.residency if r and s.alive else '-'}" for i, (r, s) in enumerate(states))

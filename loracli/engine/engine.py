@@ -79,6 +79,7 @@ class Engine:
             n_slots=slots,
             max_rank=config.max_lora_rank,
             max_len=self.max_model_len,
+            deterministic=config.deterministic,
         )
         budget = self._memory_budget()
         num_blocks = self._kv_blocks(budget, slots)
@@ -319,6 +320,16 @@ class Engine:
             self.generators.pop(seq.seq_id, None)
         self.scheduler.waiting.clear()
         return dropped
+
+    def abort(self) -> None:
+        """Drop every request, started or not, and restore unmerged weights: a job that failed or
+        stopped at once leaves no work behind for the next job on this engine."""
+        self.stop_admitting()
+        for seq in list(self.scheduler.running):
+            self.scheduler.finish(seq)
+            self._arrivals.pop(seq.seq_id, None)
+            self.generators.pop(seq.seq_id, None)
+        self._apply(self.merger.settle(self.scheduler.step_no))
 
     def _ensure_adapter(self, name: str) -> str | None:
         try:

@@ -2,6 +2,8 @@
 
 `run(seqs, is_prefill)` orders nothing itself: the engine hands sequences sorted by adapter
 slot, so each slot's tokens form one contiguous run and the LoRA ops work on slices.
+With a deterministic model (`CausalLM.deterministic`) the LoRA metadata asks for batch-invariant
+ops, and a decode step's keys are padded (to the zero row) up to a multiple of `model.key_tile`.
 """
 
 from __future__ import annotations
@@ -73,20 +75,20 @@ class ModelRunner:
             slots = [self.slot_of(seq) for seq in seqs]
             attn = self._decode_meta(seqs, rows)
             last = None
-        lora = build_meta(slots, self.device) if any(s >= 0 for s in slots) else None
+        lora = build_meta(slots, self.device, self.model.deterministic) if any(s >= 0 for s in slots) else None
         hidden = self.model.forward(self._tensor(ids), self._tensor(pos), attn, lora)
         if last is not None:
             hidden = hidden.index_select(0, last)
         return self.model.logits(hidden)
 
     def _decode_meta(self, seqs: list[Sequence], rows: list[int]) -> AttnMeta:
-        bs = self.blocks.block_size
-        max_len = max(len(s) for s in seqs)
-        width = -(-max_len // bs)
+        bs, tile = self.blocks.block_size, self.model.key_tile
+        keys = -(-max(len(s) for s in seqs) // tile) * tile  # the longest sequence, padded to the key tile
+        width = -(-keys // bs)
         table = torch.zeros(len(seqs), width, dtype=torch.int64)
         for i, seq in enumerate(seqs):
             table[i, : len(seq.block_table)] = torch.tensor(seq.block_table[:width])
-        offs = torch.arange(max_len)
+        offs = torch.arange(keys)
         gather = table[:, offs // bs] * bs + offs % bs  # [B, L]
         lens = torch.tensor([len(s) for s in seqs])
         mask = offs[None, :] < lens[:, None]

@@ -10,6 +10,15 @@ hold one token per sequence (attention over its cached tokens). K/V of every tok
 written to the cache at `attn.slot_mapping`. The math follows transformers' modeling code
 (RMSNorm in float32, rotate-half RoPE from transformers' own rotary classes, SwiGLU, GQA),
 so outputs match it token for token.
+
+`deterministic=True` makes every token's logits a function of its own sequence only (batch
+size, batch mix, slot placement, prefill or decode): the linears, lm_head and LoRA ops run on
+row-padded GEMMs (`loracli.kernels.invariant`, `LoraMeta.invariant`), SiLU uses one formula for
+every element, and attention is `fixed_attention` (fixed reduction order, the same for prefill
+and decode; decode keys padded to a multiple of `key_tile`). Every other op of the forward is
+elementwise or reduces within one row (RMSNorm's mean), so it is batch-invariant as it stands.
+Off, the fastest kernels run (F.linear, SDPA, the cost-modelled LoRA strategy), whose last bits
+depend on the batch.
 """
 
 from __future__ import annotations
@@ -20,8 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels import LoraMeta
-from .lora_linear import MultiLoraLinear
+from ..kernels import LoraMeta, invariant
+from . import fixed_attention
+from .lora_linear import Dense, MultiLoraLinear
 from .spec import ModelSpec
 
 
@@ -32,6 +42,7 @@ class AttnMeta:
     seq_lens: list[int]  # prefill: tokens per sequence (python, sums to T)
     gather_index: torch.Tensor | None = None  # decode: [B, L] flat KV rows, masked positions -> zero_row
     key_mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] bool, True = attend
+    fixed_keys: fixed_attention.DecodeKeys | None = None  # decode, deterministic: built at the first layer
 
 
 def rotary_tables(config, spec: ModelSpec, max_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +70,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Layer:
-    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], n_slots: int, max_rank: int):
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], n_slots: int, max_rank: int, dense: Dense):
         h, q, kv = spec.hidden, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self.input_norm = w["input_layernorm.weight"]
         self.post_norm = w["post_attention_layernorm.weight"]
@@ -74,9 +85,10 @@ class Layer:
             h,
             n_slots,
             max_rank,
+            dense,
         )
         self.o = MultiLoraLinear(
-            w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), [h], ["o_proj"], q, n_slots, max_rank
+            w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), [h], ["o_proj"], q, n_slots, max_rank, dense
         )
         gu_b = None
         if spec.mlp_bias:
@@ -89,6 +101,7 @@ class Layer:
             h,
             n_slots,
             max_rank,
+            dense,
         )
         self.down = MultiLoraLinear(
             w["mlp.down_proj.weight"],
@@ -98,6 +111,7 @@ class Layer:
             spec.intermediate,
             n_slots,
             max_rank,
+            dense,
         )
 
     def linears(self) -> list[MultiLoraLinear]:
@@ -118,8 +132,13 @@ class CausalLM:
         n_slots: int,
         max_rank: int,
         max_len: int,
+        deterministic: bool = False,
     ):
         self.spec, self.dtype, self.device, self.max_rank = spec, dtype, device, max_rank
+        self.deterministic = deterministic
+        self.dense: Dense = invariant.linear if deterministic else F.linear
+        self.silu = invariant.silu if deterministic else F.silu
+        self.key_tile = fixed_attention.KV_CHUNK if deterministic else 1  # decode pads its keys to a multiple
 
         def take(name: str) -> torch.Tensor:
             return state.pop(name).to(device=device, dtype=dtype).contiguous()
@@ -129,7 +148,7 @@ class CausalLM:
         for i in range(spec.num_layers):
             prefix = f"model.layers.{i}."
             w = {k[len(prefix) :]: take(k) for k in [k for k in state if k.startswith(prefix)]}
-            self.layers.append(Layer(spec, w, n_slots, max_rank))
+            self.layers.append(Layer(spec, w, n_slots, max_rank, self.dense))
         self.norm = take("model.norm.weight")
         self.lm_head = self.embed if spec.tie_embeddings or "lm_head.weight" not in state else take("lm_head.weight")
         self.cos, self.sin = rotary_tables(config, spec, max_len, dtype, device)
@@ -226,15 +245,17 @@ class CausalLM:
             x = x + layer.o(a, lora)
             h = rms_norm(x, layer.post_norm, s.rms_eps)
             gu = layer.gate_up(h, lora)  # [T, 2I]
-            x = x + layer.down(F.silu(gu[:, : s.intermediate]) * gu[:, s.intermediate :], lora)
+            x = x + layer.down(self.silu(gu[:, : s.intermediate]) * gu[:, s.intermediate :], lora)
         return rms_norm(x, self.norm, s.rms_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.dense(hidden, self.lm_head).float()
 
     def _prefill_attention(self, q, k, v, attn: AttnMeta) -> torch.Tensor:
         """Causal attention within each sequence: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq*D]."""
+        if self.deterministic:
+            return fixed_attention.prefill(q, k, v, attn.seq_lens, self.scale, self.spec.sliding_window)
         outs, start, window = [], 0, self.spec.sliding_window
         for n in attn.seq_lens:
             qs, ks, vs = (t[start : start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
@@ -250,6 +271,11 @@ class CausalLM:
 
     def _decode_attention(self, q, kv: torch.Tensor, attn: AttnMeta) -> torch.Tensor:
         """One query per sequence over its cached keys: q [B, Hq, D] -> [B, Hq*D]."""
+        if self.deterministic:
+            if attn.fixed_keys is None:
+                keys = fixed_attention.DecodeKeys.of(attn.gather_index, attn.key_mask[:, 0, 0], self.spec.num_kv_heads)
+                attn.fixed_keys = keys
+            return fixed_attention.decode(q, kv, attn.fixed_keys, self.scale)
         keys = kv[0][attn.gather_index].transpose(1, 2)  # [B, Hkv, L, D]
         vals = kv[1][attn.gather_index].transpose(1, 2)
         o = F.scaled_dot_product_attention(

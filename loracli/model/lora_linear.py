@@ -11,15 +11,22 @@ where place_j writes at column offset sum(splits[:j]). Tokens with slot -1 get t
 Buffers are allocated once per slot count (`resize`) and written only on adapter activation.
 `merge(slot)` folds one slot's adapter into `weight` (keeping the original for `unmerge`).
 The ops run on the first `max(ranks[j])` rank columns only (views, no copy), so a rank-16 mix
-costs rank-16 FLOPs even when `max_rank` is 64.
+costs rank-16 FLOPs even when `max_rank` is 64. `dense` computes the base term: `F.linear`, or in
+deterministic mode the row-invariant `loracli.kernels.invariant.linear`. In deterministic mode
+(`LoraMeta.invariant`) the rank columns are rounded up to whole tiles (`invariant.tiled`, at most
+`max_rank`), so a slot's results do not change when an adapter of another rank comes or goes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from ..kernels import LoraMeta, lora_expand, lora_shrink
+from ..kernels import LoraMeta, invariant, lora_expand, lora_shrink
+
+Dense = Callable[..., torch.Tensor]  # the base term: (x, weight, bias) -> x @ weight.T (+ bias), as F.linear
 
 
 class MultiLoraLinear:
@@ -32,8 +39,10 @@ class MultiLoraLinear:
         in_features: int,
         n_slots: int,
         max_rank: int,
+        dense: Dense = F.linear,
     ):
         self.weight = weight  # [N, in]
+        self.dense = dense
         self.bias = bias  # [N] or None
         self.splits = splits
         self.names = names
@@ -103,7 +112,7 @@ class MultiLoraLinear:
         self.ranks[j][slot] = r
 
     def __call__(self, x: torch.Tensor, meta: LoraMeta | None) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)  # [T, N]
+        out = self.dense(x, self.weight, self.bias)  # [T, N]
         if meta is None or not meta.any_lora:
             return out
         for j in range(len(self.splits)):
@@ -111,6 +120,8 @@ class MultiLoraLinear:
             r = max(ranks)  # buffers are zero past each slot's rank: compute only r <= R columns
             if r == 0:
                 continue
+            if meta.invariant:
+                r = min(self.max_rank, invariant.tiled(r))
             y = lora_shrink(x, self.A[j][:, :r], meta, ranks)  # [T, r]
             lora_expand(y, self.B[j][:, :, :r], meta, out, self.offsets[j], ranks)
         return out

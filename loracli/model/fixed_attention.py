@@ -1,0 +1,156 @@
+"""Attention in a fixed reduction order (deterministic mode): one query's output depends on its own
+query, keys and values only, never on the other sequences of the batch, and prefill and decode
+give it the same bits.
+
+    prefill(q[T, Hq, D], k[T, Hkv, D], v[T, Hkv, D], seq_lens, scale, window) -> [T, Hq*D]
+    decode(q[B, Hq, D], kv[2, rows, Hkv, D], DecodeKeys, scale) -> [B, Hq*D]
+    DecodeKeys.of(gather[B, L], valid[B, L], Hkv): built once per step, shared by the layers
+
+Both run `attend` on "items" (one KV head of one sequence) holding query rows (a token's query
+heads that share that KV head, GQA) and the sequence's keys, in float32 whatever the model dtype:
+
+1. scores = q·k * scale for every key in one GEMM; keys a row may not see (later positions,
+   outside the sliding window, padding up to the batch's longest sequence) become -inf;
+2. e = exp(scores - max): the max is exact in any order, padding gives exactly 0;
+3. o = sum of e_c @ v_c and l = sum of e_c over chunks c of `KV_CHUNK` keys counted from key 0,
+   added in ascending order: every chunk is a GEMM of the same depth, and the chunks past a row's
+   last key add exact zeros, so neither the padded length nor the other rows change the sums;
+4. o / l, cast to the model dtype.
+
+Every GEMM runs on a row count that is a multiple of `QUERY_ROW_TILE` and a key count that is a
+multiple of `KV_CHUNK`: shapes at which a row's bits were measured not to vary (the arithmetic is
+float32, i.e. MKL's GEMM, whose rows kept their bits at every multiple of 4 rows and any number of
+items; see `loracli.kernels.invariant`). A decode step's query is one token; a prefill's are all the
+sequence's tokens in blocks of `QUERY_BLOCK`: the same row math either way, so a sequence
+recomputed by a prefill after preemption gets the KV cache and logits its decode steps gave.
+Keys never seen are read as zeros (the decode gather maps them to the cache's zero row), so stale
+cache rows never reach the sums. Memory: one block's scores, [Hkv, rows, keys] float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KV_CHUNK = 64  # keys per PV GEMM; decode pads the batch's key count to a multiple of it
+QUERY_ROW_TILE = 4  # not invariant.ROW_TILE: 16 rows would pad GQA decode's 2-3 query heads 4-8 times
+QUERY_BLOCK = 256  # prefill tokens per block of query rows (bounds the scores' memory)
+
+
+def padded_keys(n: int) -> int:
+    """`n` keys rounded up to a multiple of `KV_CHUNK`."""
+    return -(-n // KV_CHUNK) * KV_CHUNK
+
+
+def padded_queries(n: int) -> int:
+    """`n` query rows rounded up to a multiple of `QUERY_ROW_TILE`."""
+    return -(-n // QUERY_ROW_TILE) * QUERY_ROW_TILE
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """q [I, M, D] (scaled), k/v [I, L, D], float32, L a multiple of KV_CHUNK; `hidden` broadcasts to
+    [I, M, L], True where a row must not see a key (every row sees at least one) -> [I, M, D]."""
+    s = torch.bmm(q, k.transpose(1, 2))
+    s.masked_fill_(hidden, float("-inf"))
+    s.sub_(s.amax(-1, keepdim=True)).exp_()
+    o = torch.bmm(s[:, :, :KV_CHUNK], v[:, :KV_CHUNK])
+    total = s[:, :, :KV_CHUNK].sum(-1)
+    for c in range(KV_CHUNK, s.shape[-1], KV_CHUNK):
+        e = s[:, :, c : c + KV_CHUNK]
+        o.add_(torch.bmm(e, v[:, c : c + KV_CHUNK]))
+        total.add_(e.sum(-1))
+    return o.div_(total.unsqueeze(-1))
+
+
+@dataclass(frozen=True)
+class DecodeKeys:
+    """Where a decode step's keys are: `rows` [Hkv*B*L] index the cache viewed as [rows*Hkv, D]
+    (item-major: KV head, then sequence, then key), `hidden` [Hkv*B, 1, L] the keys an item may not
+    see. `gather` [B, L] holds the flat cache row of each key (L a multiple of KV_CHUNK, unseen keys
+    -> the cache's zero row), `valid` [B, L] which keys each sequence sees."""
+
+    rows: torch.Tensor
+    hidden: torch.Tensor
+    heads: int
+
+    @classmethod
+    def of(cls, gather: torch.Tensor, valid: torch.Tensor, heads: int) -> DecodeKeys:
+        head = torch.arange(heads, device=gather.device).view(heads, 1, 1)
+        rows = (gather.unsqueeze(0) * heads + head).flatten()
+        return cls(rows, (~valid).repeat(heads, 1).unsqueeze(1), heads)
+
+
+def decode(q: torch.Tensor, kv: torch.Tensor, keys: DecodeKeys, scale: float) -> torch.Tensor:
+    """One query token per sequence over its cached keys (one plain row gather per K and V)."""
+    B, Hq, D = q.shape
+    Hkv, L = keys.heads, keys.hidden.shape[-1]
+    group = Hq // Hkv
+    rows = padded_queries(group)
+    qp = q.new_zeros(Hkv, B, rows, D, dtype=torch.float32)
+    qp[:, :, :group] = (q.float() * scale).view(B, Hkv, group, D).transpose(0, 1)
+    k, v = (kv[i].view(-1, D).index_select(0, keys.rows).view(Hkv * B, L, D).float() for i in (0, 1))
+    o = attend(qp.view(Hkv * B, rows, D), k, v, keys.hidden)
+    return o.view(Hkv, B, rows, D)[:, :, :group].transpose(0, 1).reshape(B, Hq * D).to(q.dtype)
+
+
+def prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int], scale: float, window: int | None
+) -> torch.Tensor:
+    """Causal attention within each sequence of the flat batch (lengths `seq_lens`): [T, Hq*D].
+
+    Sequences of at most `QUERY_BLOCK` tokens go through one padded `attend` together; a longer one
+    goes block by block (`QUERY_BLOCK` queries each, over the keys up to the block's last).
+    """
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+    short: list[tuple[int, int, int]] = []
+    start = 0
+    for n in seq_lens:
+        if n <= QUERY_BLOCK:
+            short.append((start, 0, n))
+        else:
+            for first in range(0, n, QUERY_BLOCK):
+                _prefill_blocks(q, k, v, [(start, first, min(QUERY_BLOCK, n - first))], scale, window, out)
+        start += n
+    if short:
+        _prefill_blocks(q, k, v, short, scale, window, out)
+    return out
+
+
+def _prefill_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    blocks: list[tuple[int, int, int]],
+    scale: float,
+    window: int | None,
+    out: torch.Tensor,
+) -> None:
+    """Blocks (start, first, n): the queries at positions first..first+n-1 of the sequence whose first
+    token is row `start`, over its keys 0..first+n-1. One `attend`, padded to the largest block;
+    writes the blocks' rows of `out`."""
+    Hq, D = q.shape[1], q.shape[2]
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    dev = q.device
+    starts, firsts, counts = (torch.tensor(c, device=dev).unsqueeze(1) for c in zip(*blocks, strict=True))
+    nq = int(counts.max())
+    rows, keys = padded_queries(nq * group), padded_keys(int((firsts + counts).max()))
+    step = torch.arange(nq, device=dev)
+    queries = (starts + firsts + torch.minimum(step, counts - 1)).flatten()  # [Bn*nq] token rows
+    key_rows = (starts + torch.minimum(torch.arange(keys, device=dev), firsts + counts - 1)).flatten()
+    qp = q.new_zeros(len(blocks), Hkv, rows, D, dtype=torch.float32)
+    qs = (q.index_select(0, queries).float() * scale).view(len(blocks), nq, Hkv, group, D)
+    qp[:, :, : nq * group] = qs.transpose(1, 2).reshape(len(blocks), Hkv, nq * group, D)
+    kp, vp = (t.index_select(0, key_rows).view(len(blocks), keys, Hkv, D).transpose(1, 2) for t in (k, v))
+    kp, vp = (t.float().reshape(len(blocks) * Hkv, keys, D) for t in (kp, vp))
+    pos = firsts + torch.minimum(torch.arange(rows, device=dev).div(group, rounding_mode="floor"), counts - 1)
+    key = torch.arange(keys, device=dev)
+    hidden = key > pos.unsqueeze(-1)  # [Bn, rows, keys]; keys past a block's own are past its last query
+    if window is not None:
+        hidden |= key <= pos.unsqueeze(-1) - window
+    o = attend(qp.view(len(blocks) * Hkv, rows, D), kp, vp, hidden.repeat_interleave(Hkv, dim=0))
+    o = o.view(len(blocks), Hkv, rows, D)[:, :, : nq * group].view(len(blocks), Hkv, nq, group, D)
+    o = o.transpose(1, 2).reshape(len(blocks) * nq, Hq * D)
+    real = (step < counts).flatten().nonzero().flatten()
+    out.index_copy_(0, queries.index_select(0, real), o.index_select(0, real).to(out.dtype))
