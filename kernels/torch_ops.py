@@ -2,9 +2,9 @@
 
 Two strategies; `use_bmm` picks one per op and step (cached on the meta). With `meta.invariant`
 (deterministic mode) both compute a token's row with the same GEMM, whose bits do not follow the
-batch: the grid's width, and each slot's rows in ``runs`` (`tiled_runs`: one span per slot), are
+batch: the grid's width, and each run's rows in ``runs`` (`shrink_tiled`, `expand_tiled`), are
 padded to whole tiles of `invariant.ROW_TILE`; every slot uses all R rank columns (the caller pads
-R to whole tiles too, see `MultiLoraLinear`; columns past a slot's rank are masked); the expand
+R to whole `invariant.RANK_TILE`s, see `MultiLoraLinear`; columns past a slot's rank are masked); the expand
 adds into `out` with one rounding. Measured here: such a GEMM gives a row the same bits whatever
 the rows per slot, the number of slots and the rank width, and `mm` equals one item of `bmm`
 (`addmm_` one of `baddbmm_`), so the cost model may still pick either strategy.
@@ -67,72 +67,37 @@ def slot_grid(meta: LoraMeta) -> SlotGrid:
     return meta.cached("torch.grid", lambda: _build_grid(meta))
 
 
-def _members(meta: LoraMeta) -> dict[int, list[int]]:
-    """Used slot -> its tokens, ascending; slots ascending."""
+def _build_grid(meta: LoraMeta) -> SlotGrid:
+    slots = meta.token_slot.tolist()
     members: dict[int, list[int]] = {}
-    for t, s in enumerate(meta.token_slot.tolist()):
+    for t, s in enumerate(slots):
         if s >= 0:
             members.setdefault(s, []).append(t)
-    return dict(sorted(members.items()))
-
-
-def _pack(members: dict[int, list[int]], num_tokens: int, widths: list[int]) -> tuple[list[int], list[int]]:
-    """(src, dst): slot g's tokens in `widths[g]` consecutive rows, padded by repeating its last token;
-    dst is each token's row, or the row after the last (the zero row) for slot -1 tokens."""
-    src: list[int] = []
-    dst = [sum(widths)] * num_tokens
-    for row, width in zip(members.values(), widths, strict=True):
-        for j, t in enumerate(row):
-            dst[t] = len(src) + j
-        src.extend(row[min(j, len(row) - 1)] for j in range(width))
-    return src, dst
-
-
-def _index(meta: LoraMeta, values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=meta.token_slot.device)
-
-
-def _build_grid(meta: LoraMeta) -> SlotGrid:
-    members = _members(meta)
-    used = list(members)
+    used = sorted(members)
     width = max(len(m) for m in members.values())
     if meta.invariant:
         width = invariant.tiled(width)
-    src, dst = _pack(members, meta.num_tokens, [width] * len(used))
+    src = []
+    dst = [len(used) * width] * len(slots)
+    for g, s in enumerate(used):
+        row = members[s]
+        src.extend(row[min(j, len(row) - 1)] for j in range(width))
+        for j, t in enumerate(row):
+            dst[t] = g * width + j
+    dev = meta.token_slot.device
+
+    def index(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=dev)
+
     return SlotGrid(
         slots=tuple(used),
         width=width,
-        identity=src == list(range(meta.num_tokens)),
-        slot_index=None if used == list(range(len(used))) else _index(meta, used),
-        src=_index(meta, src),
-        dst=_index(meta, dst),
+        identity=src == list(range(len(slots))),
+        slot_index=None if used == list(range(len(used))) else index(used),
+        src=index(src),
+        dst=index(dst),
         lora_tokens=sum(len(m) for m in members.values()),
     )
-
-
-@dataclass(frozen=True)
-class TiledRuns:
-    """Deterministic mode's layout for one GEMM per slot: each used slot's tokens in a span of rows
-    padded to whole tiles (`invariant.tiled`), so every GEMM has the row count of a tile multiple.
-    `src`/`dst` gather into and out of it as `SlotGrid`'s do (P rows, plus a zero row P)."""
-
-    spans: tuple[tuple[int, int, int], ...]  # (slot, first row, end row) in the padded layout
-    src: torch.Tensor  # [P] token feeding each row; padding rows repeat a real token of their slot
-    dst: torch.Tensor  # [T] row of each token, P for slot -1 tokens
-
-
-def tiled_runs(meta: LoraMeta) -> TiledRuns:
-    """The tiled-runs layout of `meta` (built once per step)."""
-
-    def build() -> TiledRuns:
-        members = _members(meta)
-        widths = [invariant.tiled(len(m)) for m in members.values()]
-        src, dst = _pack(members, meta.num_tokens, widths)
-        ends = [sum(widths[: g + 1]) for g in range(len(widths))]
-        spans = tuple((s, end - w, end) for s, w, end in zip(members, widths, ends, strict=True))
-        return TiledRuns(spans, _index(meta, src), _index(meta, dst))
-
-    return meta.cached("torch.tiled_runs", build)
 
 
 def inverse_order(meta: LoraMeta) -> torch.Tensor:
@@ -260,22 +225,69 @@ def shrink_runs(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequenc
     return ys if meta.order is None else ys.index_select(0, inverse_order(meta))
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """Deterministic mode's one-GEMM-per-run layout, every GEMM on a whole number of row tiles.
+
+    A run of `invariant.SPLIT_ROWS` tokens or more, contiguous in token order, computes its whole
+    tiles in place (`direct`); every other token (short runs, the last partial tile of long ones,
+    runs that are not contiguous) is gathered into one buffer (`src`) where each run's part is
+    padded to whole tiles (`spans`), its results read back through `rows` / `cells`.
+    """
+
+    direct: tuple[tuple[int, int, int], ...]  # (slot, first token, end token), whole tiles in place
+    spans: tuple[tuple[int, int, int], ...]  # (slot, first row, end row) of the buffer
+    src: torch.Tensor  # [P] token feeding each buffer row; padding rows repeat a real token of the run
+    rows: torch.Tensor  # [n] the tokens computed in the buffer
+    cells: torch.Tensor  # [n] their buffer rows
+
+
+def tile_plan(meta: LoraMeta) -> TilePlan:
+    """The `TilePlan` of `meta` (built once per step)."""
+
+    def build() -> TilePlan:
+        direct, spans, src, rows, cells = [], [], [], [], []
+        for slot, s, e in meta.runs:
+            tokens = list(range(s, e)) if meta.order is None else meta.order[s:e].tolist()
+            n = e - s
+            whole = n - n % invariant.ROW_TILE if meta.order is None and n >= invariant.SPLIT_ROWS else 0
+            if whole:
+                direct.append((slot, s, s + whole))
+            rest = tokens[whole:]
+            if rest:
+                first, width = len(src), invariant.tiled(len(rest))
+                src.extend(rest[min(j, len(rest) - 1)] for j in range(width))
+                spans.append((slot, first, first + width))
+                rows.extend(rest)
+                cells.extend(range(first, first + len(rest)))
+        dev = meta.token_slot.device
+
+        def index(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=dev)
+
+        return TilePlan(tuple(direct), tuple(spans), index(src), index(rows), index(cells))
+
+    return meta.cached("torch.tile_plan", build)
+
+
 def shrink_tiled(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: Sequence[int] | None = None) -> torch.Tensor:
-    """`lora_shrink` in deterministic mode, one GEMM per slot on `tiled_runs`: all R rank columns
-    (masked after), a tile multiple of rows, the very GEMM one item of the tiled grid's bmm runs
+    """`lora_shrink` in deterministic mode: one GEMM per run on whole row tiles (`TilePlan`) over
+    all R rank columns (masked after): the very GEMM one item of the tiled grid's bmm runs
     (measured: mm equals bmm item for item), so a token's bits do not depend on the strategy."""
-    lay, R = tiled_runs(meta), A.shape[1]
-    xs = x.index_select(0, lay.src)
-    ys = x.new_empty(xs.shape[0] + 1, R)
-    ys[-1].zero_()
-    for slot, a, b in lay.spans:
+    plan, R = tile_plan(meta), A.shape[1]
+    ys = x.new_zeros(x.shape[0], R)
+    for slot, s, e in plan.direct:
         if _rank_of(ranks, slot, R):
-            torch.mm(xs[a:b], A[slot].T, out=ys[a:b])
-        else:
-            ys[a:b].zero_()
-    y = ys.index_select(0, lay.dst)
+            torch.mm(x[s:e], A[slot].T, out=ys[s:e])
+    if plan.spans:
+        xs = x.index_select(0, plan.src)
+        buf = x.new_zeros(xs.shape[0], R)
+        for slot, a, b in plan.spans:
+            if _rank_of(ranks, slot, R):
+                torch.mm(xs[a:b], A[slot].T, out=buf[a:b])
+        ys.index_copy_(0, plan.rows, buf.index_select(0, plan.cells))
     short = _short_rank_mask(meta, ranks, R)
-    return y if short is None else y.masked_fill_(short, 0)
+    return ys if short is None else ys.masked_fill_(short, 0)
 
 
 def expand_tiled(
@@ -288,16 +300,19 @@ def expand_tiled(
 ) -> None:
     """`lora_expand` in deterministic mode: as `shrink_tiled`, adding into `out` with one rounding
     (`addmm_`, which equals one item of `baddbmm_`)."""
-    lay, N, R = tiled_runs(meta), B.shape[1], B.shape[2]
+    plan, N, R = tile_plan(meta), B.shape[1], B.shape[2]
     short = _short_rank_mask(meta, ranks, R)
-    ys = (y if short is None else y.masked_fill(short, 0)).index_select(0, lay.src)
+    yk = y if short is None else y.masked_fill(short, 0)
     view = out.narrow(1, offset, N)  # [T, N]
-    acc = view.index_select(0, lay.src)
-    for slot, a, b in lay.spans:
+    for slot, s, e in plan.direct:
         if _rank_of(ranks, slot, R):
-            acc[a:b].addmm_(ys[a:b], B[slot].T)
-    rows = lora_rows(meta)
-    view.index_copy_(0, rows, acc.index_select(0, lay.dst.index_select(0, rows)))
+            view[s:e].addmm_(yk[s:e], B[slot].T)
+    if plan.spans:
+        acc, ys = view.index_select(0, plan.src), yk.index_select(0, plan.src)
+        for slot, a, b in plan.spans:
+            if _rank_of(ranks, slot, R):
+                acc[a:b].addmm_(ys[a:b], B[slot].T)
+        view.index_copy_(0, plan.rows, acc.index_select(0, plan.cells))
 
 
 def expand_runs(

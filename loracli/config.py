@@ -60,7 +60,8 @@ class EngineConfig:
     verify_slots: bool = False  # after every resize, check each slot's weights against the CPU copy
     merge_policy: str = "auto"  # auto | never | always-single (engine/merge_policy.py)
     # Batch-invariant kernels: a request's tokens do not depend on what shares its batch (model/llama.py).
-    deterministic: bool = True
+    # None = on unless the model runs in float32 (`devices.deterministic_default`).
+    deterministic: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -96,9 +97,9 @@ class EngineConfig:
         if self.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.num_kv_blocks)
         self._check_slots()
-        if not isinstance(self.deterministic, bool):
+        if self.deterministic is not None and not isinstance(self.deterministic, bool):
             raise ConfigError(
-                f"deterministic must be true or false, got {self.deterministic!r}", fields=("deterministic",)
+                f"deterministic must be true, false or unset, got {self.deterministic!r}", fields=("deterministic",)
             )
         if self.merge_policy not in MERGE_POLICIES:
             raise ConfigError(

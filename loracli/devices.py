@@ -65,6 +65,18 @@ def _cuda_problem(device: torch.device) -> str | None:
     return None
 
 
+def deterministic_default(dtype_name: str) -> bool:
+    """Whether deterministic mode is on when the config leaves it unset: on, except in float32.
+
+    Measured on one `loracli bench` run each (AMD EPYC, AVX-512 BF16, 2 threads, SmolLM2-135M,
+    4 adapters, 128 prompts x 32 tokens): bfloat16 194.9 tok/s off, 194.5 on (0.2% slower);
+    float32 156.3 off, 129.4 on (17% slower). The mode is the default where it costs under 10%.
+    Float32 without it gave identical greedy tokens at every batching the tests try, but that is
+    an observation about a BLAS, not a promise.
+    """
+    return dtype_name != "float32"
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     import torch
 

@@ -44,6 +44,7 @@ from rich.markup import escape
 
 from .cluster.options import ClusterOptions
 from .config import EngineConfig
+from .devices import deterministic_default
 from .engine_api import BatchEngine
 from .errors import ConfigError
 from .input_sources import Blank, check_input, count_records, display_name, read_items
@@ -128,6 +129,13 @@ def with_seed(req: Request, run_seed: int) -> Request:
     return replace(req, params={**req.params, "seed": request_seed(run_seed, req.id)})
 
 
+def _deterministic(config: EngineConfig) -> bool | str:
+    """The mode a job runs in: as set, else the dtype's default, else "auto" (decided by the dtype probe)."""
+    if config.deterministic is not None:
+        return config.deterministic
+    return "auto" if config.dtype == "auto" else deterministic_default(config.dtype)
+
+
 def job_identity(input_path: str, config: EngineConfig, defaults: SamplingParams, options: JobOptions) -> JobIdentity:
     model = config.model or "default"
     if Path(model).exists():
@@ -140,7 +148,7 @@ def job_identity(input_path: str, config: EngineConfig, defaults: SamplingParams
         "seed": config.seed,
         "ignore_eos": defaults.ignore_eos,
         "dtype": config.dtype,
-        "deterministic": config.deterministic,  # off, the last bits (and so some tokens) follow the batch
+        "deterministic": _deterministic(config),  # off, the last bits (and so some tokens) follow the batch
         "max_model_len": config.max_model_len,
         "fields": options.fields.as_dict(),
     }

@@ -1,4 +1,4 @@
-"""Deterministic mode (`EngineConfig.deterministic`, on by default): the same answer whatever the batch.
+"""Deterministic mode (`EngineConfig.deterministic`, on except in float32): the same answer whatever the batch.
 
 Three layers of checks, each in float32 and bfloat16:
 
@@ -34,6 +34,7 @@ from tiny import CORPUS
 
 from loracli import devices
 from loracli.config import EngineConfig
+from loracli.devices import deterministic_default
 from loracli.engine.sequence import Sequence
 from loracli.errors import ConfigError
 from loracli.model import fixed_attention
@@ -158,18 +159,23 @@ def test_decode_attention_ignores_the_other_sequences(threads, dtype):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
 @pytest.mark.parametrize("window", [None, 20])
 def test_a_prefill_row_equals_the_decode_of_that_token(threads, dtype, window, monkeypatch):
-    """Row t of a prefill (alone, in several query blocks, or beside other sequences) has the bits of
-    the decode step for token t over keys 0..t: what makes a recomputed sequence match its decode."""
+    """Row t of a prefill (alone, in several query blocks, or beside other sequences, in one shared
+    attend or several) has the bits of the decode step for token t over keys 0..t: what makes a
+    recomputed sequence match its decode."""
     monkeypatch.setattr(fixed_attention, "QUERY_BLOCK", 48)  # the 150-token sequence spans 4 blocks
+    monkeypatch.setattr(fixed_attention, "BATCH_QUERIES", 64)  # the short ones: two shared attends
     gen = torch.Generator().manual_seed(4)
     hq, hkv, d, n = 6, 2, 16, 150
     q, k, v = rand(gen, n, hq, d, dtype=dtype), rand(gen, n, hkv, d, dtype=dtype), rand(gen, n, hkv, d, dtype=dtype)
     full = fixed_attention.prefill(q, k, v, [n], 0.125, window)
-    other = [rand(gen, 30, h, d, dtype=dtype) for h in (hq, hkv, hkv)]
-    mixed = fixed_attention.prefill(
-        *(torch.cat([o, t]) for o, t in zip(other, (q, k, v), strict=True)), [30, n], 0.125, window
-    )
-    assert torch.equal(mixed[30:], full)
+    lens = [30, 25, n, 40]
+    qkv = [rand(gen, sum(lens), h, d, dtype=dtype) for h in (hq, hkv, hkv)]
+    qkv[0][55:205], qkv[1][55:205], qkv[2][55:205] = q, k, v
+    mixed = fixed_attention.prefill(*qkv, lens, 0.125, window)
+    assert torch.equal(mixed[55:205], full)
+    for a, b in ((0, 30), (30, 55), (205, 245)):
+        alone = fixed_attention.prefill(*(t[a:b] for t in qkv), [b - a], 0.125, window)
+        assert torch.equal(mixed[a:b], alone), (a, b)
     assert torch.equal(fixed_attention.prefill(q[:77], k[:77], v[:77], [77], 0.125, window), full[:77])
     kv = torch.zeros(2, n + 1, hkv, d, dtype=dtype)
     kv[0, :n], kv[1, :n] = k, v
@@ -285,17 +291,19 @@ def test_a_recomputed_prefill_gives_the_logits_of_the_decode_steps(steps_engine,
 
 
 def workload(n: int) -> list[Request]:
-    """n requests over four adapters and the base model, every fifth a chat, 1 to 40 words long."""
+    """n requests over four adapters and the base model, 1 to 40 words long, every fifth a chat and
+    every seventh sampled (temperature 0.8, its own seed); the rest greedy."""
     rng = random.Random(17)
     words = " ".join(CORPUS[:7]).split()
     out = []
     for i in range(n):
         text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))
         adapter = ADAPTERS[i % len(ADAPTERS)]
+        params = {"temperature": 0.8, "seed": i} if i % 7 == 3 else {}
         if i % 5 == 2:
-            out.append(Request(f"r{i}", adapter, messages=[{"role": "user", "content": text}]))
+            out.append(Request(f"r{i}", adapter, messages=[{"role": "user", "content": text}], params=params))
         else:
-            out.append(Request(f"r{i}", adapter, prompt=text))
+            out.append(Request(f"r{i}", adapter, prompt=text, params=params))
     return out
 
 
@@ -315,12 +323,13 @@ BATCHINGS = {  # name -> (engine settings, prompts run); the last one preempts a
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_the_same_tokens_whatever_the_batching(llama_dir, llama_adapters, dtype, one_thread):
-    """600 prompts, four batchings: identical token ids in float32 and bfloat16 (on by default)."""
+    """600 prompts, four batchings: identical token ids (greedy and seeded samples) in float32 and
+    bfloat16 (on by default)."""
     requests = workload(N_PROMPTS)
     tokens = {}
     for name, (settings, n) in BATCHINGS.items():
-        engine = tiny_engine(llama_dir, llama_adapters, dtype=dtype, **settings)
-        assert engine.config.deterministic
+        engine = tiny_engine(llama_dir, llama_adapters, dtype=dtype, deterministic=True, **settings)
+        assert engine.model.deterministic
         tokens[name] = run_tokens(engine, requests[:n])
         if engine.config.num_kv_blocks:
             assert engine.counters().preemptions > 0, "the small KV cache should preempt"
@@ -362,7 +371,7 @@ def test_an_interrupted_then_resumed_bfloat16_run_equals_an_uninterrupted_one(
     """SIGINT mid-run (the requests in flight finish), then the same job again with other batch
     limits and dynamic slots: the output equals an uninterrupted run at yet another batch size."""
     rows = [
-        {"id": f"q{i}", "prompt": r.prompt or r.messages[0]["content"], "adapter": r.adapter}
+        {"id": f"q{i}", "prompt": r.prompt or r.messages[0]["content"], "adapter": r.adapter, **r.params}
         for i, r in enumerate(workload(150))
     ]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -385,9 +394,13 @@ def test_an_interrupted_then_resumed_bfloat16_run_equals_an_uninterrupted_one(
 # ---- the setting: config, flag, resume identity -------------------------------------------------
 
 
-def test_deterministic_is_on_by_default_and_validated():
-    assert EngineConfig().deterministic is True
-    with pytest.raises(ConfigError, match="deterministic must be true or false") as e:
+def test_deterministic_is_on_by_default_except_in_float32_and_validated(llama_dir):
+    assert EngineConfig().deterministic is None
+    assert [deterministic_default(d) for d in DTYPES] == [d != "float32" for d in DTYPES]
+    assert tiny_engine(llama_dir, dtype="bfloat16").model.deterministic
+    assert not tiny_engine(llama_dir, dtype="float32").model.deterministic
+    assert tiny_engine(llama_dir, dtype="float32", deterministic=True).model.deterministic
+    with pytest.raises(ConfigError, match="deterministic must be true, false or unset") as e:
         EngineConfig(deterministic="yes")  # type: ignore[arg-type]
     assert e.value.fields == ("deterministic",)
 
@@ -412,7 +425,9 @@ def test_the_flag_reaches_the_resume_identity(llama_dir, tmp_path, monkeypatch, 
     assert code == 0, err
     sidecar = json.loads(out.with_name("out.jsonl.loracli.json").read_text())
     assert sidecar["options"]["deterministic"] is False
-    code, err = loracli(monkeypatch, capsys, *args)
+    code, err = loracli(monkeypatch, capsys, *args)  # unset in float32: off, the same job, resumed
+    assert code == 0, err
+    code, err = loracli(monkeypatch, capsys, *args, "--deterministic")
     assert code == 2 and "--deterministic was false then, true now" in err, err
 
 

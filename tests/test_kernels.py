@@ -335,6 +335,7 @@ def test_invariant_meta_gives_each_token_the_same_bits_in_any_batch(dname):
     cases = {
         "a run of 7 tokens of one slot": token0([3] * 7, list(range(7))),
         "a run of 64": token0([3] * 64, list(range(64))),
+        "a run of 70: whole tiles in place, the rest padded": token0([3] * 70, list(range(70))),
         "sorted by slot, with a slot -1 token": token0([3, 3, 0, 0, 1, 4, 4, 5, -1], [0, 5, 6, 7, 8, 9, 10, 11, 12]),
         "not sorted: the gathered path": token0([3, 0, 3, 1, 0, -1, 4, 3], [0, 20, 21, 22, 23, 24, 25, 26]),
         "another slot index": token0([3, 3, 1], [0, 1, 2], moved={3: 0, 1: 4}),

@@ -88,13 +88,14 @@ def run_command(
     dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16|float16", rich_help_panel=MODEL)] = "auto",
     device: Annotated[str, typer.Option(help="auto|cpu|cuda", rich_help_panel=MODEL)] = "auto",
     deterministic: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--deterministic/--no-deterministic",
-            help="Batch-invariant kernels: a request's tokens do not depend on what else is in its batch",
+            help="Batch-invariant kernels: a request's tokens do not depend on what else is in its batch "
+            "(default: on, except in float32)",
             rich_help_panel=MODEL,
         ),
-    ] = True,
+    ] = None,
     allow_pickle: Annotated[
         bool, typer.Option(help="Allow pickle (.bin) weights: only for trusted files", rich_help_panel=MODEL)
     ] = False,

@@ -21,7 +21,7 @@ import torch
 
 from ..adapter_store import AdapterStore, refuse_base_names
 from ..config import EngineConfig
-from ..devices import dtype_name, is_out_of_memory, resolve_device, resolve_dtype
+from ..devices import deterministic_default, dtype_name, is_out_of_memory, resolve_device, resolve_dtype
 from ..errors import AdapterError, ConfigError, InputError
 from ..model.llama import CausalLM
 from ..model.loader import load_config, load_state_dict, load_tokenizer
@@ -55,6 +55,8 @@ class Engine:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        det = config.deterministic
+        self.deterministic = deterministic_default(dtype_name(self.dtype)) if det is None else det
         folder = resolve_model(config.model, progress=progress, allow_pickle=config.allow_pickle)
         self.model_folder = folder
         hf_config, self.spec = load_config(folder)
@@ -79,7 +81,7 @@ class Engine:
             n_slots=slots,
             max_rank=config.max_lora_rank,
             max_len=self.max_model_len,
-            deterministic=config.deterministic,
+            deterministic=self.deterministic,
         )
         budget = self._memory_budget()
         num_blocks = self._kv_blocks(budget, slots)

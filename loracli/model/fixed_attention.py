@@ -17,35 +17,34 @@ heads that share that KV head, GQA) and the sequence's keys, in float32 whatever
    last key add exact zeros, so neither the padded length nor the other rows change the sums;
 4. o / l, cast to the model dtype.
 
-Every GEMM runs on a row count that is a multiple of `QUERY_ROW_TILE` and a key count that is a
-multiple of `KV_CHUNK`: shapes at which a row's bits were measured not to vary (the arithmetic is
-float32, i.e. MKL's GEMM, whose rows kept their bits at every multiple of 4 rows and any number of
-items; see `loracli.kernels.invariant`). A decode step's query is one token; a prefill's are all the
-sequence's tokens in blocks of `QUERY_BLOCK`: the same row math either way, so a sequence
-recomputed by a prefill after preemption gets the KV cache and logits its decode steps gave.
-Keys never seen are read as zeros (the decode gather maps them to the cache's zero row), so stale
-cache rows never reach the sums. Memory: one block's scores, [Hkv, rows, keys] float32.
+Every GEMM runs on a row count that is a multiple of `invariant.ROW_TILE` and a key count that is
+a multiple of `KV_CHUNK`: shapes at which a row's bits were measured not to vary (the arithmetic
+is float32, i.e. MKL's GEMM; see `loracli.kernels.invariant`). A decode step's query is one token
+(its GQA query heads padded to whole row tiles); a prefill's are all of a sequence's tokens: the
+same row math either way, so a sequence recomputed by a prefill after preemption gets the KV cache
+and logits its decode steps gave. Keys a decode step never sees are read from the cache's zero
+row; a prefill's masked keys are real ones of the same batch. Either way they get exactly zero
+weight, so stale cache rows never reach the sums. Memory: one `attend`'s scores, [items, rows, keys] float32 (see
+`prefill` for its bound).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
+from ..kernels import invariant
+
 KV_CHUNK = 64  # keys per PV GEMM; decode pads the batch's key count to a multiple of it
-QUERY_ROW_TILE = 4  # not invariant.ROW_TILE: 16 rows would pad GQA decode's 2-3 query heads 4-8 times
-QUERY_BLOCK = 256  # prefill tokens per block of query rows (bounds the scores' memory)
+QUERY_BLOCK = 256  # prefill: a longer sequence's queries go in blocks of this many tokens
+BATCH_QUERIES = 1024  # prefill: shorter sequences share one attend up to this many (padded) query tokens
 
 
 def padded_keys(n: int) -> int:
     """`n` keys rounded up to a multiple of `KV_CHUNK`."""
     return -(-n // KV_CHUNK) * KV_CHUNK
-
-
-def padded_queries(n: int) -> int:
-    """`n` query rows rounded up to a multiple of `QUERY_ROW_TILE`."""
-    return -(-n // QUERY_ROW_TILE) * QUERY_ROW_TILE
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -86,7 +85,7 @@ def decode(q: torch.Tensor, kv: torch.Tensor, keys: DecodeKeys, scale: float) ->
     B, Hq, D = q.shape
     Hkv, L = keys.heads, keys.hidden.shape[-1]
     group = Hq // Hkv
-    rows = padded_queries(group)
+    rows = invariant.tiled(group)
     qp = q.new_zeros(Hkv, B, rows, D, dtype=torch.float32)
     qp[:, :, :group] = (q.float() * scale).view(B, Hkv, group, D).transpose(0, 1)
     k, v = (kv[i].view(-1, D).index_select(0, keys.rows).view(Hkv * B, L, D).float() for i in (0, 1))
@@ -99,21 +98,25 @@ def prefill(
 ) -> torch.Tensor:
     """Causal attention within each sequence of the flat batch (lengths `seq_lens`): [T, Hq*D].
 
-    Sequences of at most `QUERY_BLOCK` tokens go through one padded `attend` together; a longer one
-    goes block by block (`QUERY_BLOCK` queries each, over the keys up to the block's last).
+    A sequence longer than `QUERY_BLOCK` tokens goes block by block (`QUERY_BLOCK` queries each,
+    over the keys up to the block's last). Shorter ones, by length, share padded `attend`s of up
+    to `BATCH_QUERIES` query tokens. Either way the scores of one `attend` stay within
+    `BATCH_QUERIES` x Hq x `QUERY_BLOCK` floats (plus a long sequence's length).
     """
     out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-    short: list[tuple[int, int, int]] = []
-    start = 0
-    for n in seq_lens:
-        if n <= QUERY_BLOCK:
-            short.append((start, 0, n))
-        else:
+    starts = [0, *accumulate(seq_lens)][:-1]
+    group: list[tuple[int, int, int]] = []
+    for start, n in sorted(zip(starts, seq_lens, strict=True), key=lambda sn: sn[1]):
+        if n > QUERY_BLOCK:
             for first in range(0, n, QUERY_BLOCK):
                 _prefill_blocks(q, k, v, [(start, first, min(QUERY_BLOCK, n - first))], scale, window, out)
-        start += n
-    if short:
-        _prefill_blocks(q, k, v, short, scale, window, out)
+            continue
+        if (len(group) + 1) * n > BATCH_QUERIES:  # ascending lengths: n is the group's longest
+            _prefill_blocks(q, k, v, group, scale, window, out)
+            group = []
+        group.append((start, 0, n))
+    if group:
+        _prefill_blocks(q, k, v, group, scale, window, out)
     return out
 
 
@@ -135,7 +138,7 @@ def _prefill_blocks(
     dev = q.device
     starts, firsts, counts = (torch.tensor(c, device=dev).unsqueeze(1) for c in zip(*blocks, strict=True))
     nq = int(counts.max())
-    rows, keys = padded_queries(nq * group), padded_keys(int((firsts + counts).max()))
+    rows, keys = invariant.tiled(nq * group), padded_keys(int((firsts + counts).max()))
     step = torch.arange(nq, device=dev)
     queries = (starts + firsts + torch.minimum(step, counts - 1)).flatten()  # [Bn*nq] token rows
     key_rows = (starts + torch.minimum(torch.arange(keys, device=dev), firsts + counts - 1)).flatten()

@@ -13,8 +13,8 @@ Buffers are allocated once per slot count (`resize`) and written only on adapter
 The ops run on the first `max(ranks[j])` rank columns only (views, no copy), so a rank-16 mix
 costs rank-16 FLOPs even when `max_rank` is 64. `dense` computes the base term: `F.linear`, or in
 deterministic mode the row-invariant `loracli.kernels.invariant.linear`. In deterministic mode
-(`LoraMeta.invariant`) the rank columns are rounded up to whole tiles (`invariant.tiled`, at most
-`max_rank`), so a slot's results do not change when an adapter of another rank comes or goes.
+(`LoraMeta.invariant`) the rank columns are rounded up to whole tiles of `invariant.RANK_TILE` (at
+most `max_rank`), so a slot's results do not change when an adapter of another rank comes or goes.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class MultiLoraLinear:
             if r == 0:
                 continue
             if meta.invariant:
-                r = min(self.max_rank, invariant.tiled(r))
+                r = min(self.max_rank, invariant.tiled(r, invariant.RANK_TILE))
             y = lora_shrink(x, self.A[j][:, :r], meta, ranks)  # [T, r]
             lora_expand(y, self.B[j][:, :, :r], meta, out, self.offsets[j], ranks)
         return out
