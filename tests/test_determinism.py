@@ -231,7 +231,9 @@ def token_ids(engine, n: int, seed: int) -> list[int]:
 
 @pytest.fixture(scope="module", params=list(DTYPES))
 def steps_engine(request, llama_dir, llama_adapters):
-    return tiny_engine(llama_dir, llama_adapters, dtype=request.param, max_loras=4, num_kv_blocks=400)
+    return tiny_engine(
+        llama_dir, llama_adapters, dtype=request.param, max_loras=4, num_kv_blocks=400, deterministic=True
+    )
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)

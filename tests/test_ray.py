@@ -211,7 +211,11 @@ def test_ctrl_c_under_ray_keeps_finished_results_and_a_rerun_completes(
     finally:
         pool.close()
     assert first.interrupted == signal.SIGINT
-    assert [w["alive"] for w in first.cluster["per_worker"]] == [not then_every_worker_dies] * 2
+    alive = [w["alive"] for w in first.cluster["per_worker"]]
+    if then_every_worker_dies:  # the worker whose reply stopped the run may never be called again: only the
+        assert alive[1 - signalled[0]] is False  # other one, whose call was in flight, is surely seen dead
+    else:
+        assert alive == [True, True]
     partial = by_key(read_output(out))
     assert 0 < len(partial) < 64 and all(expected[k] == v for k, v in partial.items())
     pool = RayPool(_config(llama_dir, many_adapters), ClusterOptions(workers=2))
