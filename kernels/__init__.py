@@ -2,6 +2,10 @@
 
     lora_shrink(x[T, in], A[S, R, in], meta, ranks) -> y[T, R]
     lora_expand(y[T, R], B[S, N, R], meta, out[T, M], offset, ranks)   # adds in place
+    lora_weigh(y[T, R], meta)                                          # y[t] *= meta.token_weight[t]
+
+Adapter mixes chain one `LoraMeta` per part (`build_passes`, `LoraMeta.passes`): shrink, weigh,
+expand per pass.
 
 `meta` comes from `build_meta(token_slot)`, once per step for all layers. Slot -1 = no LoRA.
 The exact semantics and shapes are in `reference` (the spec every backend is tested against).
@@ -28,12 +32,21 @@ from types import ModuleType
 import torch
 
 from . import reference, torch_ops
-from .meta import LoraMeta, build_meta
+from .meta import LoraMeta, build_meta, build_passes
 
 BACKENDS = ("reference", "torch", "triton")
 BACKEND_ENV = "LORACLI_LORA_BACKEND"
 
-__all__ = ["BACKENDS", "LoraMeta", "backend_for", "build_meta", "lora_expand", "lora_shrink"]
+__all__ = [
+    "BACKENDS",
+    "LoraMeta",
+    "backend_for",
+    "build_meta",
+    "build_passes",
+    "lora_expand",
+    "lora_shrink",
+    "lora_weigh",
+]
 
 
 def backend_for(t: torch.Tensor) -> str:
@@ -92,3 +105,9 @@ def lora_expand(
     """out[t, offset:offset+N] += y[t, :r] @ B[slot[t], :, :r].T in place; nothing for slot -1."""
     reference.check_expand(y, B, meta, out, offset, ranks)
     _module(y).lora_expand(y, B, meta, out, offset, ranks)
+
+
+def lora_weigh(y: torch.Tensor, meta: LoraMeta) -> None:
+    """y[t] *= meta.token_weight[t] in place (nothing when it is None): a mix part's weight."""
+    reference.check_weigh(y, meta)
+    _module(y).lora_weigh(y, meta)

@@ -7,13 +7,24 @@ Shapes (T tokens, S slots, R max rank, K = in features, N = one sub-projection's
     B          [S, N, R]  LoRA up-projections (scale already folded in), slot s uses B[s, :, :ranks[s]]
     y          [T, R]     shrink result
     out        [T, M]     output the expand adds into, at columns [offset, offset + N), M >= offset + N
-    meta       LoraMeta   from `build_meta(token_slot)`; only `meta.token_slot` is read here
+    meta       LoraMeta   from `build_meta(token_slot)`; only `meta.token_slot` is read here (and
+                          `meta.token_weight` [T] float32 by `lora_weigh`)
     ranks      optional sequence indexed by slot, 0 <= ranks[s] <= R; None means every slot has rank R
 
 Semantics, for every token t with slot s = token_slot[t] and r = ranks[s]:
 
     lora_shrink:  y[t, :r] = x[t] @ A[s, :r].T      y[t, r:] = 0
     lora_expand:  out[t, offset:offset + N] += y[t, :r] @ B[s, :, :r].T   (y[t, r:] is ignored)
+
+    lora_weigh:   y[t, :] = y[t, :] * token_weight[t]   (in place; no change when token_weight is None)
+
+lora_weigh is how adapter mixes run (`LoraMeta.passes`): per pass, shrink, weigh, expand, so a
+token with parts (s_i, w_i) gets out[t] += sum_i w_i * (x[t] @ A[s_i].T @ B[s_i].T), each pass's
+expand rounded once into out, the passes added in order. Its product is taken in float32 and
+rounded once into y's dtype; rows of slot -1 stay zero. Cost: a batch without mixes has one pass
+and no weights (nothing extra runs); pass k > 0 holds only the tokens with a k-th part (the
+others have slot -1, which every backend skips), and the weigh is one multiply of [T, r] per
+pass, far below the shrink's [T, K] x [K, r] (tests/test_adapter_mixes.py times both).
 
 Tokens with slot -1 get y[t] = 0 and leave out[t] untouched; so do slots of rank 0. The operands
 of one op share one floating dtype (x and A; y, B and out). The sums are taken in float32; shrink
@@ -76,6 +87,15 @@ def check_expand(
     _check_slots(meta, y.shape[0], B.shape[0], B.shape[2], ranks)
 
 
+def check_weigh(y: torch.Tensor, meta: LoraMeta) -> None:
+    """Validate the arguments of `lora_weigh` (see module docstring); raise ValueError."""
+    if y.dim() != 2:
+        raise ValueError(f"lora_weigh wants y [T, R], got {tuple(y.shape)}")
+    w = meta.token_weight
+    if w is not None and (w.dim() != 1 or w.shape[0] != y.shape[0] or w.dtype != torch.float32):
+        raise ValueError(f"token_weight must be float32 [{y.shape[0]}], got {w.dtype} {tuple(w.shape)}")
+
+
 def _slot_rows(meta: LoraMeta, ranks: Sequence[int] | None, R: int) -> list[tuple[torch.Tensor, int, int]]:
     """(token indices, slot, rank) for every slot used by some token, in slot order."""
     slots = meta.token_slot.cpu()
@@ -111,3 +131,11 @@ def lora_expand(
     for rows, s, r in _slot_rows(meta, ranks, R):
         acc[rows, offset : offset + N] += torch.einsum("tr,nr->tn", yf[rows, :r], Bf[s, :, :r])
     out.copy_(acc)
+
+
+def lora_weigh(y: torch.Tensor, meta: LoraMeta) -> None:
+    """y[t] *= token_weight[t] in float32, rounded once into y.dtype, in place; see module doc."""
+    if meta.token_weight is None:
+        return
+    yf = y.detach().cpu().float() * meta.token_weight.detach().cpu()[:, None]
+    y.copy_(yf)

@@ -368,3 +368,9 @@ def lora_expand(
         expand_bmm(y, B, meta, out, offset, ranks)
     else:
         expand_runs(y, B, meta, out, offset, ranks)
+
+
+def lora_weigh(y: torch.Tensor, meta: LoraMeta) -> None:
+    """y[t] *= token_weight[t] in place (the product in float32, rounded once); see `reference`."""
+    if meta.token_weight is not None:
+        torch.mul(y, meta.token_weight[:, None], out=y)

@@ -30,6 +30,9 @@ Triton 3.9 reads TRITON_INTERPRET when `@triton.jit` decorates a function, and t
 own helpers (tl.zeros, ...) are decorated by `import triton`: the variable must be set before
 triton is first imported, which this module checks.
 
+`lora_weigh` is one elementwise kernel (grid: tokens x rank blocks), fp32 product rounded to
+nearest even; the interpreter truncates that rounding in bf16 (one ulp; the tests allow it there).
+
 Device tables built lazily per step and cached on the meta: segment slot/start/length (int32),
 and rank tables. `meta.order` and `meta.token_slot` are used as they are.
 """
@@ -349,6 +352,18 @@ def _bgmv_expand_kernel(
     tl.store(o_ptrs, (o.to(tl.float32) + tl.sum(acc, axis=1)).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _weigh_kernel(y_ptr, w_ptr, R, sy_t, sy_r, BLOCK_R: tl.constexpr):
+    # y[t, rs] = y[t, rs] * w[t] in fp32, rounded once into y's dtype, for one token and one rank block
+    t = tl.program_id(0).to(tl.int64)
+    rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rs < R
+    w = tl.load(w_ptr + t)
+    ptrs = y_ptr + t * sy_t + rs * sy_r
+    y = tl.load(ptrs, mask=r_ok, other=0.0).to(tl.float32)
+    tl.store(ptrs, (y * w).to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=r_ok)
+
+
 @dataclass(frozen=True)
 class Segments:
     """`meta.runs` as device tables (int32), one entry per segment."""
@@ -578,3 +593,14 @@ def lora_expand(
         bgmv_expand(y, B, meta, out, offset, ranks)
     else:
         sgmv_expand(y, B, meta, out, offset, ranks)
+
+
+def lora_weigh(y: torch.Tensor, meta: LoraMeta) -> None:
+    """y[t] *= token_weight[t] in place (fp32 product, one rounding); see `reference`."""
+    w = meta.token_weight
+    if w is None or y.numel() == 0:
+        return
+    _check_device(y, w)
+    R = y.shape[1]
+    block = min(max(16, triton.next_power_of_2(R)), 1024)
+    _weigh_kernel[(y.shape[0], triton.cdiv(R, block))](y, w, R, y.stride(0), y.stride(1), BLOCK_R=block)

@@ -4,7 +4,9 @@
 and scales it from disk (a load), evicting the least recently used cached adapter beyond
 `max_cpu_loras`. A failure is remembered, so later requests for a broken adapter fail at once
 with the same one-line reason and no disk read. `refuse_base_names` refuses, at engine start,
-an adapter folder named like the base model (Batch lines could not reach it).
+an adapter folder named like the base model (Batch lines could not reach it). `vocab_costs` gives
+the memory budget what each adapter's embedding / lm_head parts can take, from its file's tensor
+shapes (a safetensors header; a pickle, when allowed, is read).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from .adapters import LoraWeights, load_adapter
+from .adapter_vocab import vocab_bytes
+from .adapters import LoraWeights, load_adapter, read_tensors, weights_file
 from .errors import AdapterError, ConfigError
 from .model.spec import ModelSpec
 
@@ -48,6 +52,36 @@ def refuse_base_names(folder: str | Path | None, base_names: frozenset[str]) -> 
             f"Batch lines ({names}), so no line could reach it; rename the folder",
             fields=("adapters_dir",),
         )
+
+
+def vocab_costs(folder: str | Path | None, dtype_bytes: int, allow_pickle: bool, tied: bool) -> tuple[int, ...]:
+    """`adapter_vocab.vocab_bytes` of each adapter of `folder` that has embedding / lm_head parts, largest first.
+
+    An adapter whose file cannot be read counts nothing: it is refused when it is loaded.
+    """
+    if folder is None or not Path(folder).is_dir():
+        return ()
+    costs = []
+    for name in adapter_names(Path(folder)):
+        try:
+            shapes = _shapes(weights_file(Path(folder) / name, allow_pickle))
+        except (AdapterError, OSError):
+            continue
+        cost = vocab_bytes(shapes, dtype_bytes, tied)
+        if cost:
+            costs.append(cost)
+    return tuple(sorted(costs, reverse=True))
+
+
+def _shapes(path: Path) -> dict[str, list[int]]:
+    """{key: shape} of an adapter weights file: a safetensors header, or a pickle (which the caller allowed) read."""
+    if path.suffix != ".safetensors":
+        return {k: list(v.shape) for k, v in read_tensors(path).items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # noqa: BLE001 - a broken header: refused when the adapter is loaded
+        return {}
 
 
 class AdapterStore:

@@ -7,9 +7,15 @@ format); its name is the folder name. Pickle weights (`adapter_model.bin`) are r
 `load_adapter` returns `LoraWeights`: per (layer, module) the A matrix `[r, in]` and the B
 matrix with the scale folded in, `scale * B` `[out, r]`, where scale = alpha / r, or
 alpha / sqrt(r) with rsLoRA, r and alpha taken per module (rank_pattern / alpha_pattern, as
-PEFT resolves them). Unsupported features (DoRA, LoRA bias, embedding / lm_head targets,
-modules_to_save), incompatibilities (unknown module, shape mismatch, rank above `max_lora_rank`)
-and NaN or infinite weights raise `AdapterError` naming the file, one line. Messages name
+PEFT resolves them), and in `LoraWeights.vocab` the parts on the vocabulary matrices (embedding and
+lm_head LoRA, `modules_to_save` copies of embed_tokens / lm_head: `adapter_vocab.py`), and in
+`magnitudes` / `lora_biases` / `base_biases` the DoRA magnitudes and biases of the decoder linears
+(float32 `[out]` vectors: `adapter_extras.py`). Unsupported
+features (modules_to_save of other modules, PEFT variants in `peft_fields`, LoRA on a MoE block's
+router or experts; its shared expert's linears are served, as modules `shared_expert.gate_proj` etc.),
+incompatibilities (unknown module,
+shape mismatch, a vocabulary unlike the model's, rank above `max_lora_rank`) and NaN or infinite
+weights raise `AdapterError` naming the file, one line. Messages name
 configuration fields, never flags (`max_lora_rank`, `allow_pickle`: `MESSAGE_FIELDS`), and list
 them in the error's `fields` (`fields_named`); `spell_fields` rewrites them for a reader, e.g. into flags.
 
@@ -40,9 +46,13 @@ from typing import TYPE_CHECKING
 
 from safetensors import safe_open
 
+from .adapter_extras import config_problems, extra_problems, load_extras, parse_extra_key
+from .adapter_vocab import VOCAB_MODULES, VocabWeights, load_vocab, parse_vocab_key, vocab_findings
 from .errors import AdapterError
-from .model.spec import TARGET_MODULES, ModelSpec
+from .model.moe_spec import SHARED_EXPERT_TARGETS
+from .model.spec import ALL_TARGET_MODULES, ModelSpec
 from .model_source.pickle_conversion import load_tensor_pickle
+from .peft_fields import refusals, unknown_fields
 
 if TYPE_CHECKING:
     import torch
@@ -50,14 +60,22 @@ if TYPE_CHECKING:
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head")  # modules PEFT can adapt and loracli refuses
 MESSAGE_FIELDS = ("max_lora_rank", "allow_pickle")  # the configuration fields adapter messages name
 _FIELD_NAMES = {f: re.compile(rf"(?<![\w.-]){f}(?![\w-])") for f in MESSAGE_FIELDS}  # whole words only
 
 _KEY = re.compile(
-    r"(?:^|\.)layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<module>\w+?)"
+    r"(?:^|\.)layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<module>(?:shared_expert\.)?\w+?)"
     r"\.lora_(?P<ab>A|B)(?:\.[\w-]+)?\.weight$"
+)  # a Qwen2-MoE shared expert's module is named by its path under mlp: "shared_expert.gate_proj"
+_MOE_KEY = re.compile(  # LoRA tensors on a MoE block's parts (old per-expert names; Mixtral's block_sparse_moe)
+    r"(?:^|\.)(?P<module>layers\.\d+\.(?:mlp|block_sparse_moe)\."
+    r"(?P<part>experts|shared_expert_gate|gate)(?:\.[\w.]+?)?)\.lora_"
 )
+_MOE_PARTS = {
+    "experts": "experts",
+    "gate": "router",
+    "shared_expert_gate": "shared expert gate",
+}
 
 
 @dataclass
@@ -74,10 +92,16 @@ class AdapterConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
     bias: str = "none"
+    lora_bias: bool = False  # lora_B has a bias (PEFT >= 0.14)
     lora_dropout: float = 0.0
     modules_to_save: list[str] = field(default_factory=list)
     layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    target_regex: str | None = None  # target_modules given as one string: a regex over module paths
+    exclude_modules: list[str] | str | None = None
     init_lora_weights: bool | str = True  # how PEFT initialises a module the weights leave out
+    refused: list[str] = field(default_factory=list)  # variants loracli does not serve (`peft_fields.refusals`)
+    unknown_fields: list[str] = field(default_factory=list)  # fields loracli does not know (served as absent)
     base_model_name: str | None = None
     task_type: str | None = None
 
@@ -90,20 +114,35 @@ class AdapterConfig:
     def scale(self, rank: int, alpha: float) -> float:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
+    def targets(self, layer: int, module: str) -> bool:
+        """Whether PEFT, built from this config, puts a LoRA on `module` of decoder `layer` (its
+        `check_target_module_exists`: exclude_modules, target_modules as names or a regex,
+        "all-linear", layers_to_transform / layers_pattern). Weights of other modules PEFT ignores."""
+        path = ModelSpec.module_path(layer, module)
+        ex = self.exclude_modules
+        if ex and (re.fullmatch(ex, path) if isinstance(ex, str) else any(_names(path, e) for e in ex)):
+            return False
+        if self.target_regex is not None:
+            return self.target_regex == "all-linear" or re.fullmatch(self.target_regex, path) is not None
+        if not any(_names(path, t) for t in self.target_modules):
+            return False
+        wanted = self.layers_to_transform
+        if wanted is None or wanted == []:
+            return True
+        patterns = self.layers_pattern
+        if patterns:  # PEFT reads the index after one of these names; decoder layers sit under "layers"
+            patterns = [patterns] if isinstance(patterns, str) else patterns
+            if not any(re.match(rf"(?:^|.*?\.){p}\.\d+\.", path) for p in patterns):
+                return False
+        return layer == wanted if isinstance(wanted, int) else layer in wanted
+
     def unsupported(self) -> list[str]:
         """What `loracli run` refuses in this config, one reason each."""
         out = []
         if self.peft_type.upper() != "LORA":
             out.append(f"peft_type {self.peft_type!r} is not LORA")
-        if self.use_dora:
-            out.append("DoRA (use_dora=true) is not supported")
-        if self.bias != "none":
-            out.append(f"bias={self.bias!r} is not supported (only 'none')")
-        if self.modules_to_save:
-            out.append(f"modules_to_save {self.modules_to_save} is not supported")
-        bad = [t for t in self.target_modules if t in UNSUPPORTED_TARGETS]
-        if bad:
-            out.append(f"target modules {bad} (embedding / lm_head) are not supported")
+        out += self.refused
+        out += config_problems(self)
         return out
 
 
@@ -123,14 +162,42 @@ class LoraWeights:
     path: Path
     config: AdapterConfig
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    vocab: VocabWeights | None = None  # parts on embed_tokens / lm_head (`adapter_vocab`), held outside the slots
+    # per (layer, module), float32 [out] (`adapter_extras`): DoRA magnitudes, scale * lora_B biases, trained base biases
+    magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    lora_biases: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    base_biases: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """What the adapter holds beyond plain LoRA pairs: of "dora", "lora_bias", "base_bias", "vocab"."""
+        held = (self.magnitudes, self.lora_biases, self.base_biases, self.vocab is not None)
+        return tuple(k for k, h in zip(("dora", "lora_bias", "base_bias", "vocab"), held, strict=True) if h)
+
+    @property
+    def is_plain_lora(self) -> bool:
+        """Whether the adapter is LoRA pairs on the decoder linears only (nothing in `kinds`)."""
+        return not self.kinds
 
     @property
     def max_rank(self) -> int:
         return max((a.shape[0] for a, _ in self.modules.values()), default=0)
 
     @property
+    def has_vocab(self) -> bool:
+        """Whether the adapter changes the embedding or lm_head (embedding / head LoRA, modules_to_save)."""
+        return self.vocab is not None
+
+    @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+        own = sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+        extras = sum(v.nbytes for d in (self.magnitudes, self.lora_biases, self.base_biases) for v in d.values())
+        return own + extras + (self.vocab.nbytes if self.vocab is not None else 0)
+
+
+def _names(path: str, name: str) -> bool:
+    """Whether a `target_modules` / `exclude_modules` entry names the module at `path` (PEFT's rule)."""
+    return path == name or path.endswith(f".{name}")
 
 
 def _pattern_value(patterns: dict, module_path: str, default):
@@ -172,6 +239,11 @@ def lora_pairs(shapes: Mapping[str, Sequence[int]]) -> dict[tuple[int, str], tup
     return pairs
 
 
+def served_pairs(cfg: AdapterConfig, shapes: Mapping[str, Sequence[int]]) -> dict[tuple[int, str], tuple[str, str]]:
+    """The well-formed pairs (`lora_pairs`) of the modules the config targets (PEFT ignores the others)."""
+    return {where: keys for where, keys in lora_pairs(shapes).items() if cfg.targets(*where)}
+
+
 def fields_named(message: str) -> tuple[str, ...]:
     """The configuration fields of `MESSAGE_FIELDS` that a message names (as whole words)."""
     return tuple(f for f, pattern in _FIELD_NAMES.items() if pattern.search(message))
@@ -200,7 +272,8 @@ def read_adapter_config(folder: Path | str) -> AdapterConfig:
         raise AdapterError(str(path), "must hold a JSON object")
     try:
         targets = raw.get("target_modules") or []
-        if isinstance(targets, str):
+        regex = targets if isinstance(targets, str) else None
+        if regex is not None:
             targets = [targets]
         return AdapterConfig(
             path=folder,
@@ -213,9 +286,15 @@ def read_adapter_config(folder: Path | str) -> AdapterConfig:
             alpha_pattern=dict(raw.get("alpha_pattern") or {}),
             use_dora=bool(raw.get("use_dora", False)),
             bias=str(raw.get("bias", "none")),
+            lora_bias=bool(raw.get("lora_bias", False)),
             lora_dropout=float(raw.get("lora_dropout") or 0.0),
             modules_to_save=list(raw.get("modules_to_save") or []),
             layers_to_transform=raw.get("layers_to_transform"),
+            layers_pattern=raw.get("layers_pattern"),
+            target_regex=regex,
+            exclude_modules=raw.get("exclude_modules"),
+            refused=refusals(raw),
+            unknown_fields=unknown_fields(raw),
             init_lora_weights=raw.get("init_lora_weights", True),
             base_model_name=raw.get("base_model_name_or_path"),
             task_type=raw.get("task_type"),
@@ -260,12 +339,29 @@ def check_tensors(
     problems = list(cfg.unsupported())
     problems += [p for p in map(_key_problem, tensors) if p is not None]
     groups = group_lora_keys(tensors)
-    if not groups and not problems:
+    vocab_problems, vocab_warnings, vocab_present = vocab_findings(cfg, tensors, spec)
+    if not groups and not vocab_present and not problems:
         problems.append("no LoRA weights in the file")
+    problems += vocab_problems
+    ignored = sorted(where for where in groups if not cfg.targets(*where))
     for (layer, module), ab in sorted(groups.items()):
+        if (layer, module) in ignored:
+            continue
         shapes = {half: tuple(tensors[key]) for half, key in ab.items()}
         problems += _pair_problems(cfg, layer, module, shapes, spec, max_lora_rank)
-    target_problems, warnings = _absent_targets(cfg, {module for _, module in groups})
+    problems += extra_problems(cfg, tensors, served_pairs(cfg, tensors), spec)
+    leaves = {module.rsplit(".", 1)[-1] for _, module in groups}  # "shared_expert.gate_proj" is a gate_proj
+    target_problems, warnings = _absent_targets(cfg, leaves | vocab_present)
+    warnings += vocab_warnings
+    if ignored:
+        listed = ", ".join(f"layer {layer} {module}" for layer, module in ignored[:4])
+        more = f" and {len(ignored) - 4} more" if len(ignored) > 4 else ""
+        warnings.append(
+            f"weights for {listed}{more}, which the config does not target (target_modules, "
+            "layers_to_transform, layers_pattern, exclude_modules): ignored, as PEFT ignores them"
+        )
+    unknown = "a field loracli does not know (a newer PEFT?): served as if absent"
+    warnings += [f"{name}: {unknown}" for name in cfg.unknown_fields]
     return Findings(problems + target_problems, warnings)
 
 
@@ -273,11 +369,11 @@ def _absent_targets(cfg: AdapterConfig, present: set[str]) -> tuple[list[str], l
     """(problems, warnings) of the plain `target_modules` names the weights hold nothing for (regexes are skipped)."""
     problems, warnings = [], []
     for target in cfg.target_modules:
-        if not re.fullmatch(r"\w+", target) or target in present or target in UNSUPPORTED_TARGETS:
+        if not re.fullmatch(r"\w+", target) or target in present:
             continue
         head = f"target_modules: {target!r} has no weights in the file"
-        if target not in TARGET_MODULES:
-            known = ", ".join(TARGET_MODULES)
+        if target not in ALL_TARGET_MODULES + VOCAB_MODULES:
+            known = ", ".join(ALL_TARGET_MODULES + VOCAB_MODULES)
             warnings.append(f"{head} and is not a module loracli adapts ({known}): ignored, as PEFT ignores it")
         elif _zero_b_init(cfg.init_lora_weights):
             warnings.append(f"{head}: served without it, as PEFT leaves it at its initial B = 0 (no change)")
@@ -289,14 +385,18 @@ def _absent_targets(cfg: AdapterConfig, present: set[str]) -> tuple[list[str], l
 
 def _key_problem(key: str) -> str | None:
     """Why a tensor that is not a LoRA A/B weight of a decoder layer is refused; None for those weights."""
-    if parse_lora_key(key) is not None:
+    moe = _MOE_KEY.search(key)  # before the A/B parse: a router's `mlp.gate` parses as a module name
+    if moe is not None:
+        part = _MOE_PARTS[moe["part"]]
+        return f"tensor {key}: LoRA on the {part} of a MoE layer ({moe['module']}) is not served"
+    if parse_lora_key(key) is not None or parse_vocab_key(key) is not None:
         return None
+    if parse_extra_key(key) is not None:
+        return None  # DoRA magnitudes and biases of the decoder linears: `extra_problems`
     if "lora_magnitude_vector" in key:
-        return f"tensor {key}: DoRA magnitude vectors are not supported"
-    if "lora_embedding" in key or any(t in key for t in UNSUPPORTED_TARGETS):
-        return f"tensor {key}: embedding / lm_head LoRA is not supported"
+        return f"tensor {key}: a DoRA magnitude vector of a module loracli does not adapt"
     if key.endswith(".bias"):
-        return f"tensor {key}: LoRA bias is not supported"
+        return f"tensor {key}: a saved bias (bias field) of a module other than q,k,v,o,gate,up,down is not served"
     return f"tensor {key}: not a LoRA A/B weight of a decoder layer"
 
 
@@ -334,12 +434,17 @@ def _model_mismatch(
     layer: int, module: str, a: tuple[int, ...], b: tuple[int, ...], spec: ModelSpec | None
 ) -> str | None:
     """Why a well-formed pair does not fit the model (with `spec` None: any supported model)."""
-    if module not in TARGET_MODULES:
-        return f"module {module!r} is not a supported target ({', '.join(TARGET_MODULES)})"
+    known = ALL_TARGET_MODULES + SHARED_EXPERT_TARGETS if spec is None else spec.lora_targets  # the model's
+    if module not in known:
+        return f"module {module!r} is not a supported target ({', '.join(known)})"
     if spec is None:
         return None
     if layer >= spec.num_layers:
         return f"the model has only {spec.num_layers} layers"
+    if module not in spec.layer_targets(layer):
+        if spec.is_sparse(layer):
+            return f"layer {layer} is a MoE layer: it has no {module} (LoRA on the experts is not served)"
+        return f"layer {layer} is a dense layer: it has no {module}"
     fan_in, fan_out = spec.module_shape(module)
     if a[1] != fan_in or b[0] != fan_out:
         return f"shape A {list(a)}, B {list(b)} does not match the model (expected A [r, {fan_in}], B [{fan_out}, r])"
@@ -366,14 +471,21 @@ def load_adapter(
     if problems:
         message = problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
         raise AdapterError(str(folder), message, fields=fields_named(message))
-    pairs = lora_pairs(shapes)
-    nonfinite = (nonfinite_problem(key, tensors[key]) for pair in pairs.values() for key in pair)
+    pairs = served_pairs(cfg, shapes)
+    checked = [key for pair in pairs.values() for key in pair] + [k for k in tensors if parse_vocab_key(k)]
+    checked += [k for k in tensors if parse_extra_key(k)]
+    nonfinite = (nonfinite_problem(key, tensors[key]) for key in checked)
     problem = next((p for p in nonfinite if p is not None), None)
     if problem is not None:
         raise AdapterError(str(path), problem)
     dtype = torch.float32 if dtype is None else dtype
     modules = {where: _scaled_pair(cfg, where, tensors[ka], tensors[kb], dtype) for where, (ka, kb) in pairs.items()}
-    return LoraWeights(folder.name, folder, cfg, modules)
+    try:
+        vocab = load_vocab(cfg, tensors, spec, dtype)
+    except ValueError as e:
+        raise AdapterError(str(path), str(e)) from None
+    magnitudes, lora_biases, base_biases = load_extras(cfg, tensors, pairs)
+    return LoraWeights(folder.name, folder, cfg, modules, vocab, magnitudes, lora_biases, base_biases)
 
 
 def nonfinite_problem(key: str, tensor: torch.Tensor) -> str | None:

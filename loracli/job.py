@@ -136,6 +136,19 @@ def _deterministic(config: EngineConfig) -> bool | str:
     return "auto" if config.dtype == "auto" else deterministic_default(config.dtype)
 
 
+# sampling defaults added after the sidecar's first options: kept only when set (older sidecars lack them)
+LATER_DEFAULTS = (
+    *("n", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens"),
+    "include_stop_str_in_output",
+)
+
+
+def _changed_defaults(defaults: SamplingParams) -> dict:
+    """The `LATER_DEFAULTS` the run sets to other than their default value."""
+    plain = SamplingParams()
+    return {k: getattr(defaults, k) for k in LATER_DEFAULTS if getattr(defaults, k) != getattr(plain, k)}
+
+
 def job_identity(input_path: str, config: EngineConfig, defaults: SamplingParams, options: JobOptions) -> JobIdentity:
     model = config.model or "default"
     if Path(model).exists():
@@ -151,6 +164,7 @@ def job_identity(input_path: str, config: EngineConfig, defaults: SamplingParams
         "deterministic": _deterministic(config),  # off, the last bits (and so some tokens) follow the batch
         "max_model_len": config.max_model_len,
         "fields": options.fields.as_dict(),
+        **_changed_defaults(defaults),
     }
     errors = str(Path(options.errors_path).resolve()) if options.errors_path else None
     source = input_path if input_path == "-" else str(Path(input_path).resolve())
@@ -490,7 +504,8 @@ def where(req: Request, failure: Failure, file: str) -> str:
     if fld == "prompt" and req.messages is not None:
         fld = "messages"
     if fld is not None and req.form == "openai":
-        fld = "body.model" if fld == "adapter" else f"body.{fld}"
+        named = "body.adapter_weights" if req.mix is not None else "body.model"
+        fld = named if fld == "adapter" else f"body.{fld}"
     return f"{file}:{req.line}" + (f": field '{fld}'" if fld else "") + f": {failure.message}"
 
 

@@ -2,8 +2,14 @@
 
 Native requests:  {"id", "adapter", "text", "finish_reason", "usage": {"prompt_tokens",
                    "completion_tokens", "total_tokens"}}  or  {"id", "adapter", "error": {"type", "message"}}
-OpenAI Batch requests get OpenAI's Batch output form: {"id", "custom_id", "response":
+`adapter` is the adapter's name, a mix's name ("shout*0.7+brief*0.5", `requests.AdapterMix`), or
+null. OpenAI Batch requests get OpenAI's Batch output form: {"id", "custom_id", "response":
 {"status_code", "request_id", "body": chat.completion | text_completion}, "error"}.
+A request for n > 1 samples is still one record: native {"id", "adapter", "choices": [{"index",
+"text", "finish_reason"}, ...], "usage"} (no top-level "text"), OpenAI its body's `choices` with
+`index` 0..n-1; `usage` counts the prompt once and sums the samples' completion tokens.
+Logprobs, when a request asks (`"logprobs"`, `"prompt_logprobs"`, OpenAI's choices[].logprobs,
+null otherwise), are shaped by `logprob_shapes.py`, whose module doc gives each form.
 A record that could not be read (bad JSON, a bad field, a duplicate id) is answered with an
 error record of the form its line had, plus "line" (its line or row number): native
 {"id": id or null, "line", "error": {"type": "invalid_request" | "duplicate_id", "message"}},
@@ -33,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import LoracliError
+from .logprob_shapes import add_native_logprobs, add_openai_logprobs
 from .requests import RecordError
 from .results import Result
 from .signals import critical
@@ -68,9 +75,17 @@ def _usage(r: Result) -> dict:
     }
 
 
+def _samples(r: Result) -> list[tuple[str, str | None]]:
+    """(text, finish_reason) of each sample, in order: the n of `r.choices`, or the one of `r`."""
+    return [(c.text, c.finish_reason) for c in r.choices] or [(r.text, r.finish_reason)]
+
+
 def native_record(r: Result) -> dict:
     if r.error is not None:
         return {"id": r.id, "adapter": r.adapter, "error": {"type": r.error[0], "message": r.error[1]}}
+    if r.choices:
+        choices = [{"index": i, "text": t, "finish_reason": f} for i, (t, f) in enumerate(_samples(r))]
+        return {"id": r.id, "adapter": r.adapter, "choices": choices, "usage": _usage(r)}
     return {"id": r.id, "adapter": r.adapter, "text": r.text, "finish_reason": r.finish_reason, "usage": _usage(r)}
 
 
@@ -88,7 +103,8 @@ def openai_record(r: Result, model_name: str) -> dict:
             "created": created,
             "model": model,
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
+                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                for i, (text, finish) in enumerate(_samples(r))
             ],
             "usage": _usage(r),
         }
@@ -98,9 +114,10 @@ def openai_record(r: Result, model_name: str) -> dict:
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "text": r.text, "finish_reason": r.finish_reason}],
+            "choices": [{"index": i, "text": t, "finish_reason": f} for i, (t, f) in enumerate(_samples(r))],
             "usage": _usage(r),
         }
+    add_openai_logprobs(body, r, chat=req.url == "/v1/chat/completions")
     return {
         "id": rid,
         "custom_id": r.id,
@@ -112,7 +129,10 @@ def openai_record(r: Result, model_name: str) -> dict:
 def to_record(r: Result, model_name: str) -> dict:
     if r.request is not None and r.request.form == "openai":
         return openai_record(r, model_name)
-    return native_record(r)
+    record = native_record(r)
+    if r.error is None:
+        add_native_logprobs(record, r)
+    return record
 
 
 def problem_record(e: RecordError) -> dict:

@@ -1,10 +1,18 @@
 """Input records: one JSON object per line (or one table row), native or OpenAI Batch form.
 
-Native:  {"id"?, "adapter"?: name|null, "prompt": str | "messages": [...], "max_tokens"?,
-          "temperature"?, "top_p"?, "seed"?, "stop"?: [str] | str, "ignore_eos"?}
+Native:  {"id"?, "adapter"?: name|null|{name: weight, ...}, "prompt": str | "messages": [...],
+          sampling fields?}
 OpenAI:  {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions",
-          "body": {"model": adapter or base model name, "messages" | "prompt", "max_tokens"
-          (or "max_completion_tokens"), "temperature", "top_p", "seed", "stop"}}
+          "body": {"model": adapter or base model name, "messages" | "prompt", sampling fields,
+          "adapter_weights"?: {name: weight, ...}}}
+
+An adapter mix (`AdapterMix`): an object of adapter names and weights, `{"shout": 0.7, "brief":
+0.5}` (or one adapter with a weight, `{"shout": 0.5}`), runs base + sum_i w_i * scale_i * B_i A_i
+on every LoRA target, as PEFT's `add_weighted_adapter(..., combination_type="cat")`. Weights are
+finite numbers (0 and negative allowed, as in PEFT); names non-empty strings; the object is not
+empty. `Request.adapter` then holds the mix's name ("shout*0.7+brief*0.5"), the name results and
+stats carry, and `Request.mix` its parts. In the OpenAI form the object is `body.adapter_weights`,
+and `body.model` must then name the base model (when the caller passes its names).
 
 `parse_record(raw, line, file)` turns one line's bytes into a `Request`; `parse_object` does the
 same for an already decoded object (a table row). Both raise `RecordError` (an `InputError`
@@ -22,7 +30,12 @@ an output; `IdTable` keeps the type in its keys.
 
 A chat message's `content` is a string, or OpenAI's list of parts, of which only text parts
 (`{"type": "text", "text": ...}`) are taken, joined with no separator (as OpenAI does).
-Sampling values are checked by `sampling.problem`, the rule the run's defaults obey too.
+Sampling values (`SAMPLING_FIELDS`, the same names in both forms, and `max_completion_tokens`,
+which must equal `max_tokens` when both are given) are checked by `sampling.problem`, the rule
+the run's defaults obey too. A field of OpenAI's or vLLM's API that loracli does not implement
+(`tools`, `best_of`, ...: `unsupported_fields.py`) fails the record, naming the field.
+The structure and logprob fields (`response_format`, `logprobs`, ...) are read by
+`output_fields.output_params`, whose module doc lists them for both forms.
 
 Pure: no I/O here (`input_sources.py` reads files).
 """
@@ -30,36 +43,55 @@ Pure: no I/O here (`input_sources.py` reads files).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
+from .output_fields import NATIVE_OUTPUT_FIELDS, OPENAI_OUTPUT_FIELDS, output_params
 from .sampling import is_int, normalized, problem, shown
+from .unsupported_fields import UNSUPPORTED, unsupported
 
-NATIVE_FIELDS = frozenset(
-    {"id", "adapter", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos"}
+SAMPLING_FIELDS = (  # the same name in both forms (see sampling.py for their meaning)
+    *("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos", "n", "top_k", "min_p"),
+    *("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens"),
+    *("stop_token_ids", "include_stop_str_in_output"),
 )
+MAX_TOKENS_ALIAS = "max_completion_tokens"  # OpenAI's newer name for max_tokens, in both forms
+# UNSUPPORTED fields that pass `unsupported` ask for what loracli does anyway: known, not warned about
+NATIVE_FIELDS = frozenset({"id", "adapter", "prompt", "messages", MAX_TOKENS_ALIAS, *SAMPLING_FIELDS, *UNSUPPORTED})
 OPENAI_FIELDS = frozenset({"custom_id", "method", "url", "body"})
 OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
-BODY_PARAMS = {
-    "max_tokens": "max_tokens",
-    "max_completion_tokens": "max_tokens",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "seed": "seed",
-    "stop": "stop",
-}
-BODY_FIELDS = frozenset({"model", "prompt", "messages", *BODY_PARAMS})
-NATIVE_PARAMS = {k: k for k in ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")}
+BODY_PARAMS = {k: k for k in SAMPLING_FIELDS}
+BODY_FIELDS = frozenset(
+    {"model", "prompt", "messages", "adapter_weights", MAX_TOKENS_ALIAS, *BODY_PARAMS, *UNSUPPORTED}
+)
+NATIVE_PARAMS = BODY_PARAMS
 IMPLICIT_ID_PREFIX = "#"
 
 RequestId = str | int  # as the input gave it (see the module doc)
 
 
+@dataclass(frozen=True)
+class AdapterMix:
+    """Adapters run together with weights (see the module doc); `parts` in the order the input gave."""
+
+    parts: tuple[tuple[str, float], ...]  # (adapter name, weight), at least one, names distinct
+
+    @property
+    def name(self) -> str:
+        """The mix as results and stats name it: "shout*0.7+brief*0.5"."""
+        return "+".join(f"{name}*{weight!r}" for name, weight in self.parts)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.parts)
+
+
 @dataclass
 class Request:
     id: RequestId
-    adapter: str | None
+    adapter: str | None  # adapter name, a mix's name (see `mix`), or None for the base model
     prompt: str | None = None
     messages: list[dict] | None = None
     params: dict[str, Any] = field(default_factory=dict)  # only what the line sets
@@ -68,6 +100,14 @@ class Request:
     url: str | None = None
     model: str | None = None  # OpenAI body.model as written
     unknown_fields: list[str] = field(default_factory=list)
+    mix: AdapterMix | None = None  # the weighted adapters when `adapter` names a mix
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The adapters this request needs: a mix's parts, the one adapter, or none."""
+        if self.mix is not None:
+            return self.mix.adapters
+        return () if self.adapter is None else (self.adapter,)
 
 
 class RecordError(InputError):
@@ -135,10 +175,20 @@ def _check_param(name: str, v: Any, ctx: tuple[str, int], where: str) -> Any:
 
 
 def _check_params(obj: dict, ctx: tuple[str, int], prefix: str, names: dict[str, str]) -> dict[str, Any]:
+    refused = unsupported(obj, prefix)
+    if refused is not None:
+        raise _fail(ctx, *refused)
     out: dict[str, Any] = {}
     for key, name in names.items():
         if obj.get(key) is not None:
             out[name] = _check_param(name, obj[key], ctx, prefix + key)
+    alias = obj.get(MAX_TOKENS_ALIAS)
+    if alias is not None:
+        value = _check_param("max_tokens", alias, ctx, prefix + MAX_TOKENS_ALIAS)
+        if out.get("max_tokens", value) != value:
+            message = f"is {value} but max_tokens is {out['max_tokens']}: give one, or the same value"
+            raise _fail(ctx, prefix + MAX_TOKENS_ALIAS, message)
+        out["max_tokens"] = value
     return out
 
 
@@ -267,15 +317,34 @@ def parse_object(
         raise RecordError(e.file, e.line, fld, e.reason, record_id=rid, form=form) from None
 
 
+def _check_mix(value: Any, ctx: tuple[str, int], where: str) -> AdapterMix:
+    """An object {adapter name: weight} -> `AdapterMix`; weights finite numbers, names non-empty."""
+    if not isinstance(value, dict) or not value:
+        raise _fail(ctx, where, f"must be a non-empty object of adapter names and weights, got {shown(value)}")
+    parts = []
+    for name, weight in value.items():
+        if not isinstance(name, str) or not name:
+            raise _fail(ctx, where, f"adapter names must be non-empty strings, got {shown(name)}")
+        ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+        if not ok:
+            raise _fail(ctx, f"{where}.{name}", f"weight must be a finite number, got {shown(weight)}")
+        parts.append((name, float(weight)))
+    return AdapterMix(tuple(parts))
+
+
 def _parse_native(obj: dict, ctx: tuple[str, int]) -> Request:
     rid = _native_id(obj.get("id"), ctx)
     adapter = obj.get("adapter")
-    if adapter is not None and (not isinstance(adapter, str) or not adapter):
-        raise _fail(ctx, "adapter", f"must be an adapter name or null, got {shown(adapter)}")
+    mix = _check_mix(adapter, ctx, "adapter") if isinstance(adapter, dict) else None
+    if mix is not None:
+        adapter = mix.name
+    elif adapter is not None and (not isinstance(adapter, str) or not adapter):
+        message = f"must be an adapter name, an object of adapter names and weights, or null, got {shown(adapter)}"
+        raise _fail(ctx, "adapter", message)
     prompt, messages = _check_prompt(obj, ctx, "")
-    params = _check_params(obj, ctx, "", NATIVE_PARAMS)
-    unknown = sorted(str(k) for k in set(obj) - NATIVE_FIELDS)
-    return Request(rid, adapter, prompt, messages, params, ctx[1], "native", unknown_fields=unknown)
+    params = _check_params(obj, ctx, "", NATIVE_PARAMS) | output_params(obj, ctx, "", None)
+    unknown = sorted(str(k) for k in set(obj) - NATIVE_FIELDS - NATIVE_OUTPUT_FIELDS)
+    return Request(rid, adapter, prompt, messages, params, ctx[1], "native", unknown_fields=unknown, mix=mix)
 
 
 def _parse_openai(obj: dict, ctx: tuple[str, int], base_names: frozenset[str]) -> Request:
@@ -299,7 +368,15 @@ def _parse_openai(obj: dict, ctx: tuple[str, int], base_names: frozenset[str]) -
         raise _fail(ctx, "body.messages", "missing: chat completions take 'messages'")
     if url == "/v1/completions" and prompt is None:
         raise _fail(ctx, "body.prompt", "missing: completions take 'prompt'")
-    params = _check_params(body, ctx, "body.", BODY_PARAMS)
+    params = _check_params(body, ctx, "body.", BODY_PARAMS) | output_params(body, ctx, "body.", url)
     adapter = None if model in base_names else model
-    unknown = sorted([str(k) for k in set(obj) - OPENAI_FIELDS] + [f"body.{k}" for k in set(body) - BODY_FIELDS])
-    return Request(rid, adapter, prompt, messages, params, ctx[1], "openai", url, model, unknown)
+    mix = None
+    if body.get("adapter_weights") is not None:
+        mix = _check_mix(body["adapter_weights"], ctx, "body.adapter_weights")
+        if base_names and model not in base_names:
+            names = ", ".join(sorted(base_names))
+            raise _fail(ctx, "body.model", f"must name the base model ({names}) when body.adapter_weights is given")
+        adapter = mix.name
+    known_body = BODY_FIELDS | OPENAI_OUTPUT_FIELDS
+    unknown = sorted([str(k) for k in set(obj) - OPENAI_FIELDS] + [f"body.{k}" for k in set(body) - known_body])
+    return Request(rid, adapter, prompt, messages, params, ctx[1], "openai", url, model, unknown, mix)

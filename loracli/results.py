@@ -14,6 +14,15 @@ from .errors import InputError
 from .requests import Request, RequestId, implicit_id
 
 
+class Choice(NamedTuple):
+    """One of the n samples of a request that asked for n > 1 (`Result.choices`, in sample order)."""
+
+    text: str
+    finish_reason: str | None
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # per output token, when the request asked
+
+
 class Failure(NamedTuple):
     """Why a request failed: `kind` (a stable code), a one-line `message`, and the request
     `field` it concerns (None when no single field is at fault)."""
@@ -21,6 +30,19 @@ class Failure(NamedTuple):
     kind: str
     message: str
     field: str | None = None
+
+
+class TokenLogprob(NamedTuple):
+    """One token's log-probability (engine/logprobs.py says of which logits): `rank` 1 = the most
+    likely token; `token` its text (invalid UTF-8 replaced), `bytes` its exact bytes; `top` the N
+    most likely tokens at that position, best first (their own `top` empty)."""
+
+    id: int
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    rank: int
+    top: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -38,6 +60,11 @@ class Result:
     first_token: float | None = None
     finished: float = 0.0
     wait_steps: int | None = None  # engine steps from arrival to first admission
+    # n > 1: every sample (text, finish_reason, token_ids above are sample 0's; completion_tokens
+    # is the sum over the samples, the prompt counted once, as OpenAI counts); empty for n = 1
+    choices: list[Choice] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # per output token, when the request asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first: None)
 
 
 @dataclass

@@ -420,3 +420,47 @@ def test_cli_with_a_prompts_file_and_real_adapters(llama_dir, llama_adapters, tm
     assert report["points"][0]["workload"]["adapter_counts"] == {"attn4": 1, "pattern": 1, "<base>": 1, "all16rs": 1}
     assert report["machine"]["threads"] == 1 and report["machine"]["dtype"] == "float32"
     assert "tok/s" in p.stderr  # the table goes to stderr when the JSON takes stdout
+
+
+def test_random_adapters_of_every_kind_load_as_their_kind(llama_dir, tmp_path):
+    """`--kinds`: each kind's random adapter is what PEFT would save for it, and loracli loads it as such."""
+    from loracli.adapters import load_adapter
+    from loracli.bench.adapter_kinds import KINDS
+    from loracli.model.loader import load_config
+
+    _, spec = load_config(llama_dir)
+    names = write_random_adapters(tmp_path, spec, len(KINDS), (4,), ("q_proj", "down_proj"), seed=0, kinds=KINDS)
+    assert names == [f"{k}{i:03d}" for i, k in enumerate(KINDS)]
+    loaded = {k: load_adapter(tmp_path / n, spec) for k, n in zip(KINDS, names, strict=True)}
+    assert loaded["lora"].is_plain_lora
+    assert len(loaded["dora"].magnitudes) == 2 * spec.num_layers
+    assert len(loaded["bias"].lora_biases) == 2 * spec.num_layers
+    assert loaded["vocab"].has_vocab and loaded["saved-head"].has_vocab
+    assert not any(loaded[k].is_plain_lora for k in KINDS[1:])
+
+
+def test_a_sweep_over_kinds_and_a_mix_in_one_run(llama_dir, tmp_path):
+    """`--sweep set=...`: plain, DoRA and weighted-mix points in one run; PEFT is measured where it can
+    serve the workload and skipped, with the reason, where it cannot (DoRA in a mixed batch, mixes)."""
+    options = BenchOptions(
+        model=str(llama_dir),
+        adapters="2",
+        prompts="4",
+        sweep="set=kinds:lora,kinds:dora,mix:2",
+        systems="loracli,peft-mixed",
+        isolate=False,
+        **TINY,
+    )
+    report = run_bench(options)
+    assert [p.value for p in report.points] == ["kinds:lora", "kinds:dora", "mix:2"]
+    status = [{s.name: s.status for s in p.systems} for p in report.points]
+    assert status == [
+        {"loracli": "ok", "peft-mixed": "ok"},
+        {"loracli": "ok", "peft-mixed": "skipped"},
+        {"loracli": "ok", "peft-mixed": "skipped"},
+    ]
+    assert "DoRA" in report.points[1].systems[1].note and "mixes" in report.points[2].systems[1].note
+    assert set(report.points[1].workload["adapters"]) <= {"dora000", "dora001"}
+    assert set(report.points[2].workload["adapter_counts"]) <= {"lora000*0.5+lora001*0.5", "lora001*0.5+lora000*0.5"}
+    with pytest.raises(ConfigError, match="set: expected KEY:VALUE"):
+        WorkloadSpec().with_setting("set", "mix")

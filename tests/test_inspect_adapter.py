@@ -227,12 +227,13 @@ def test_scales_and_norms_match_peft_delta_weights(llama_dir, zoo, name):
 
 
 def hf_slot_bytes(model_dir: Path, rank: int, dtype_bytes: int) -> int:
-    """R*(in+out)*bytes over every target linear of the real HF model (not ModelSpec)."""
+    """(R*(in+out) + 2*out)*bytes (A, B, the DoRA and bias tables) over every target linear of the real HF
+    model (not ModelSpec)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     return sum(
-        rank * (m.in_features + m.out_features) * dtype_bytes
+        (rank * (m.in_features + m.out_features) + 2 * m.out_features) * dtype_bytes
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in MODULES
     )
@@ -257,7 +258,7 @@ def test_engine_cost_matches_the_formula_and_the_real_buffers(llama_dir, zoo, dt
     engine = Engine(
         EngineConfig(model=str(llama_dir), max_loras=3, max_lora_rank=16, dtype=dtype, num_kv_blocks=2, max_num_seqs=1)
     )
-    buffers = sum(t.nbytes for _, lin in engine.model.linears() for t in lin.A + lin.B)
+    buffers = sum(t.nbytes for _, lin in engine.model.linears() for t in lin.A + lin.B + lin.gm1 + lin.bias_delta)
     assert buffers == 3 * e.slot_bytes
     assert isinstance(engine.spec, ModelSpec)
 
@@ -290,12 +291,11 @@ def test_compatible_adapters_have_no_problems(zoo, llama_dir):
         assert (a.status, a.problems, a.warnings) == ("ok", [], []), name
 
 
-def test_dora_is_refused_with_one_line_per_problem(zoo):
-    a = report_of(zoo / "dora")
-    assert a.status == "incompatible"
-    assert a.problems[0] == "DoRA (use_dora=true) is not supported"
-    assert len(a.problems) == 2 and "layers.{0-1}" in a.problems[1] and "magnitude" in a.problems[1]
-    assert all("\n" not in p for p in a.problems)
+def test_dora_is_served_and_its_magnitudes_reported(zoo, llama_dir):
+    a = report_of(zoo / "dora", model=str(llama_dir))
+    assert (a.status, a.problems, a.warnings) == ("ok", [], [])
+    assert a.config["use_dora"] is True and a.weights.extras == {"lora_magnitude_vector": 2}  # q_proj, 2 layers
+    assert a.cost.extras_bytes == 2 * 64 * 4 and a.cost.own_weights_bytes == 2 * 4 * (64 + 64) * 4 + 2 * 64 * 4
 
 
 def test_unknown_module_is_reported(zoo, llama_dir):
@@ -405,7 +405,7 @@ def test_folder_mode_keeps_going_past_broken_adapters(zoo, llama_dir):
     assert status == {
         "all16rs": "ok",
         "attn4": "ok",
-        "dora": "incompatible",
+        "dora": "ok",
         "foo": "incompatible",
         "mlp8": "ok",
         "pattern": "ok",
@@ -446,7 +446,8 @@ def test_default_model_config_only(zoo):
     m = report.model
     assert (m.model_type, m.num_layers, m.hidden_size, m.intermediate_size) == ("llama", 30, 576, 1536)
     per_layer = 576 * 2 + (576 + 192) * 2 + 576 * 2 + (576 + 1536) * 3  # q, k, v, o, gate, up, down
-    assert report.engine.slot_bytes == 30 * 64 * per_layer * 4
+    outs = 576 + 192 + 192 + 576 + 1536 + 1536 + 576  # the DoRA and bias tables: 2 * out per module
+    assert report.engine.slot_bytes == 30 * (64 * per_layer + 2 * outs) * 4
     assert report.adapters[0].status == "incompatible"  # tiny-model shapes
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from loracli.kernels import build_meta, lora_expand, lora_shrink, reference, torch_ops
+from loracli.kernels import build_meta, build_passes, lora_expand, lora_shrink, lora_weigh, reference, torch_ops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {  # (atol, rtol) for values of order 1; bf16/fp16 outputs may be rounded twice
@@ -443,3 +443,97 @@ def test_meta_cache_builds_once():
     assert meta.cached("k", lambda: calls.append(1) or "v") == "v"
     assert meta.cached("k", lambda: calls.append(1) or "w") == "v"
     assert calls == [1]
+
+
+# ---- adapter mixes: one pass per part, each weighted by `lora_weigh` -------------------------------
+
+
+def mix_passes(slots: list[int], S: int, rng: random.Random) -> list[tuple[list[int], list[float]]]:
+    """Passes for tokens whose first part is slots[t]: each token with a slot gets 1 to 3 parts of
+    distinct slots, weights in [-1, 1.5] (0 included); slot -1 tokens get none."""
+    parts = []
+    for s in slots:
+        n = 0 if s < 0 else rng.randint(1, min(3, S))
+        others = rng.sample([o for o in range(S) if o != s], max(0, n - 1))
+        parts.append([(p, rng.choice([0.0, rng.uniform(-1, 1.5)])) for p in ([s, *others] if n else [])])
+    depth = max(1, *map(len, parts))
+    return [
+        ([p[k][0] if k < len(p) else -1 for p in parts], [p[k][1] if k < len(p) else 1.0 for p in parts])
+        for k in range(depth)
+    ]
+
+
+def weigh_op(name: str, tops) -> Callable[..., None]:
+    return tops.lora_weigh if name.startswith("triton") else torch_ops.lora_weigh
+
+
+def run_mix(name: str, request, dname: str, R: int, T: int, spread: str) -> None:
+    """A batch of adapter mixes through backend `name`, pass by pass, against the reference."""
+    rng = random.Random(T * 7 + R)
+    tops, case = for_backend(name, request, _sweep_case(dname, R, T, spread))
+    x, A, B, before = case["x"], case["A"], case["B"], case["out"]
+    S = A.shape[0]
+    ranks = [rng.randint(0, R) for _ in range(S)] if R > 1 else None
+    first = build_passes(mix_passes(case["meta"].token_slot.tolist(), S, rng), x.device)
+    shrink, expand = backend_ops(name, tops)
+    out, expect = before.clone(), before.float().cpu()
+    for meta in first.passes():
+        y = shrink(x, A, meta, ranks)
+        weigh_op(name, tops)(y, meta)
+        expand(y, B, meta, out, OFFSET, ranks)
+        yr = reference.lora_shrink(x.float(), A.float(), meta, ranks)
+        reference.lora_weigh(yr, meta)
+        reference.lora_expand(yr, B.float(), meta, expect, OFFSET, ranks)
+    atol, rtol = TOL[out.dtype]
+    torch.testing.assert_close(out.float().cpu(), expect, atol=2 * atol, rtol=2 * rtol)
+
+
+@pytest.mark.parametrize("backend", TORCH_BACKENDS + TRITON_BACKENDS)
+@pytest.mark.parametrize("dname,R,T,spread", FAST_CASES)
+def test_mixes_match_reference(backend, dname, R, T, spread, request):
+    run_mix(backend, request, dname, R, T, spread)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", TORCH_BACKENDS + TRITON_BACKENDS)
+@pytest.mark.parametrize("dname,R,T,spread", [c for c in FULL_CASES if c not in FAST_CASES])
+def test_mixes_match_reference_sweep(backend, dname, R, T, spread, request):
+    run_mix(backend, request, dname, R, T, spread)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("R", [1, 16, 100])
+def test_weigh_rounds_once_like_the_reference(backend, dname, R, request):
+    gen = torch.Generator().manual_seed(R)
+    y = (torch.randn(9, R, generator=gen) * 3).to(DTYPES[dname])
+    meta = build_meta([0, -1, 1, 1, 2, 0, -1, 3, 3], token_weight=[0.7, 1, -0.3, 0, 1.0, 2.5, 1, -1e-3, 0.5])
+    tops = request.getfixturevalue("triton_ops") if backend == "triton" else None
+    ours, expect = y.clone(), y.clone()
+    weigh_op(backend, tops)(ours, meta)
+    reference.lora_weigh(expect, meta)
+    if tops is not None and tops.INTERPRET and y.dtype == torch.bfloat16:
+        # the interpreter truncates fp32 -> bf16 whatever the rounding mode asked: one ulp off at most
+        torch.testing.assert_close(ours.float(), expect.float(), atol=0, rtol=2**-7)
+    else:
+        assert torch.equal(ours, expect)
+    assert not torch.equal(ours, y)
+
+
+def test_weigh_without_weights_changes_nothing():
+    y = torch.randn(4, 8)
+    before = y.clone()
+    for weigh in (torch_ops.lora_weigh, reference.lora_weigh, lora_weigh):
+        weigh(y, build_meta([0, 1, -1, 0]))
+    assert torch.equal(y, before)
+
+
+def test_build_passes_chains_and_checks():
+    first = build_passes([([0, 1, -1], [0.5, 1.0, 1.0]), ([2, -1, -1], [-0.3, 1.0, 1.0])])
+    metas = list(first.passes())
+    assert [m.token_slot.tolist() for m in metas] == [[0, 1, -1], [2, -1, -1]]
+    assert metas[1].token_weight.tolist() == pytest.approx([-0.3, 1.0, 1.0])
+    with pytest.raises(ValueError, match="token_weight has 2 entries for 3 tokens"):
+        build_meta([0, 1, 2], token_weight=[1.0, 2.0])
+    with pytest.raises(ValueError, match="token_weight must be float32"):
+        lora_weigh(torch.zeros(2, 4), build_meta([0, 1, 2], token_weight=[1.0, 2.0, 3.0]))

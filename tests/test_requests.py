@@ -93,7 +93,7 @@ def test_good_records_and_unknown_fields():
                 "custom_id": "c",
                 "url": "/v1/completions",
                 "x": 1,
-                "body": {"model": "base", "prompt": "p", "n": 2, "max_completion_tokens": 5},
+                "body": {"model": "base", "prompt": "p", "user": "u", "max_completion_tokens": 5},
             }
         ),
         1,
@@ -101,7 +101,7 @@ def test_good_records_and_unknown_fields():
         base_names=frozenset({"base"}),
     )
     assert (o.id, o.adapter, o.params, o.form) == ("c", None, {"max_tokens": 5}, "openai")
-    assert o.unknown_fields == ["body.n", "x"]
+    assert o.unknown_fields == ["body.user", "x"]
 
 
 def test_field_map_renames_columns_and_names_them_in_errors():

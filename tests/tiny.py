@@ -2,8 +2,8 @@
 
 `make_tokenizer(dir)` trains a small BPE with a ChatML template; `make_model(dir, arch)`
 saves a random Llama (untied, GQA) or Qwen2 (q/k/v bias, tied embeddings) in float32 with
-safetensors; `make_adapter(model_dir, out, r, targets, ...)` saves a PEFT LoRA adapter with
-random (non-zero) A and B.
+safetensors (`tie` overrides the tying); `make_adapter(model_dir, out, r, targets, ...)` saves a
+PEFT LoRA adapter with random (non-zero) A and B (and noisy `modules_to_save` copies).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def make_tokenizer(folder: Path):
     return fast
 
 
-def make_model(folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2):
+def make_model(folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2, tie: bool | None = None):
+    """`tie` None: the architecture's default above (Llama untied, Qwen2 tied)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,9 +72,10 @@ def make_model(folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2
         pad_token_id=tok.eos_token_id,
     )
     if arch == "llama":
-        config = LlamaConfig(tie_word_embeddings=False, rope_theta=10000.0, **common)
+        config = LlamaConfig(tie_word_embeddings=bool(tie), rope_theta=10000.0, **common)
     elif arch == "qwen2":
-        config = Qwen2Config(tie_word_embeddings=True, rope_theta=10000.0, use_sliding_window=False, **common)
+        tied = tie is not False
+        config = Qwen2Config(tie_word_embeddings=tied, rope_theta=10000.0, use_sliding_window=False, **common)
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
@@ -98,7 +100,9 @@ def make_adapter(
     seed: int = 1,
     rank_pattern=None,
     alpha_pattern=None,
+    modules_to_save=None,
 ) -> Path:
+    """`modules_to_save` (e.g. ["lm_head"]): their copies get random noise too, so they differ from the base."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -111,6 +115,7 @@ def make_adapter(
         init_lora_weights=False,
         rank_pattern=rank_pattern or {},
         alpha_pattern=alpha_pattern or {},
+        modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(seed)
@@ -119,5 +124,7 @@ def make_adapter(
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.3)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p), alpha=0.1)
     peft_model.save_pretrained(str(out))
     return out

@@ -37,6 +37,7 @@ from .workload import (
     file_requests,
     parse_distribution,
     parse_ints,
+    parse_kinds,
     parse_phases,
     parse_range,
     parse_sweep,
@@ -47,6 +48,7 @@ from .workload import (
 )
 
 DEFAULT_SYSTEMS = "loracli,peft-mixed,base"
+MIX_SYSTEMS = ("loracli", "loracli-ray", "base")  # the systems that serve a workload of weighted mixes
 DEFAULT_MAX_LORA_RANK = EngineConfig().max_lora_rank
 
 
@@ -58,6 +60,7 @@ class BenchOptions:
     adapters: str = "8"  # a count of random adapters, or a folder of real ones
     ranks: str = "16"
     targets: str = "all"
+    kinds: str = "lora"
     distribution: str = "zipf:1.5"
     prompts: str = "64"  # a count of synthetic prompts, or a run-format input file
     prompt_len: str = "20-59"
@@ -154,6 +157,7 @@ def base_spec(options: BenchOptions, adapter_count: int) -> WorkloadSpec:
         adapters=adapter_count,
         ranks=parse_ints(options.ranks, "ranks"),
         targets=parse_targets(options.targets),
+        kinds=parse_kinds(options.kinds),
         distribution=parse_distribution(options.distribution),
         prompts=int(options.prompts) if options.prompts.isdigit() else 1,
         prompt_len=parse_range(options.prompt_len, "prompt-len"),
@@ -216,9 +220,10 @@ def build_workload(
     else:
         folder = str(adapter_folder(adapters_root, specs[0]))
         count = max(s.num_adapters for s in specs)
-        write_random_adapters(
-            Path(folder), ctx.spec, count, specs[0].ranks, specs[0].targets, options.seed, str(ctx.folder)
-        )
+        for s in specs:  # adapters are named by kind: phases of other kinds write their own
+            write_random_adapters(
+                Path(folder), ctx.spec, count, s.ranks, s.targets, options.seed, str(ctx.folder), s.kinds
+            )
     requests = synthetic_requests(specs, maker, real_adapters)
     description = specs[0].describe() if len(specs) == 1 else " ; ".join(s.describe() for s in specs)
     return Workload(requests, folder, options.ignore_eos, description, [s.to_dict() for s in specs])
@@ -284,6 +289,13 @@ def run_here(job: Job) -> Measurement:
     return measure(job)
 
 
+def uses_dora(workload: Workload) -> bool:
+    from ..adapters import read_adapter_config
+
+    folder = workload.adapters_dir
+    return folder is not None and any(read_adapter_config(Path(folder) / n).use_dora for n in workload.adapter_names)
+
+
 def token_flops(ctx: Context, workload: Workload) -> dict:
     from ..adapters import read_adapter_config
 
@@ -296,8 +308,10 @@ def token_flops(ctx: Context, workload: Workload) -> dict:
         if workload.adapters_dir
         else {}
     )
-    rank = sum(configs[r.adapter].r for r in with_adapter) / len(with_adapter) if with_adapter else 0.0
-    targets = sorted({t for c in configs.values() for t in c.target_modules}) if configs else []
+    ranks = [sum(configs[name].r for name in r.adapters) for r in with_adapter]  # a mix costs its parts' sum
+    rank = sum(ranks) / len(ranks) if ranks else 0.0
+    linear = set(ctx.spec.target_modules)  # embedding / lm_head LoRA are not in the per-layer count
+    targets = sorted({t for c in configs.values() for t in c.target_modules if t in linear}) if configs else []
     return flops_per_token(
         ctx.spec, mean_prompt + (mean_out + 1) / 2, rank, targets, len(with_adapter) / len(reqs)
     ).to_dict()
@@ -309,6 +323,10 @@ def run_point(ctx: Context, options: BenchOptions, workload: Workload, log) -> l
         requests: list[BenchRequest] = workload.requests
         if system.kind == "vllm" and vllm_missing():
             m = Measurement(system.name, skipped=vllm_missing())
+        elif system.kind not in MIX_SYSTEMS and any(r.mix for r in requests):
+            m = Measurement(system.name, skipped="weighted adapter mixes are served by loracli only: skipped")
+        elif system.kind == "peft-mixed" and uses_dora(workload):
+            m = Measurement(system.name, skipped="PEFT refuses DoRA adapters in a mixed batch (adapter_names): skipped")
         else:
             log(f"[{i}/{len(ctx.systems)}] {system.name}: {len(requests)} requests ...")
             job = job_for(ctx, system, workload, options)

@@ -10,6 +10,12 @@ Synthetic workloads (`WorkloadSpec`):
   and B ~ N(0, `B_STD`²) (non-zero, small, so outputs stay sane), lora_alpha = 2 r, stored as
   bfloat16 safetensors with PEFT's key names and an `adapter_config.json`. Adapter i is the same
   whatever N is, so a sweep over N reuses one folder.
+- `kinds` (default `lora`), cycled over the adapters like the ranks: adapter i is of kind
+  `kinds[i % len(kinds)]` (`bench/adapter_kinds.py`: lora, dora, bias, vocab, saved-head) and is
+  named by its kind (`dora001`); a plain one keeps the name `lora{i:03d}`.
+- `mix` (default 1): adapters per request. With k > 1 a request drawn for adapter i runs the
+  weighted mix of adapters i, i+1, ..., i+k-1 (mod N), each with weight 1/k; only
+  loracli serves mixes, so the other systems are skipped on such a workload.
 - the popularity `distribution`, which adapter each request names (Punica's four, plus Zipf):
     * `distinct`:  request i names adapter i: every request a different adapter (N is raised to the
       number of prompts);
@@ -48,7 +54,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..model.families import ALL_TARGET_MODULES
 from ..model.spec import TARGET_MODULES, ModelSpec
+from .adapter_kinds import KINDS, kind_config, kind_targets, kind_tensors
 
 B_STD = 0.01
 NAMED_DISTRIBUTIONS = ("distinct", "uniform", "skewed", "identical", "round-robin")
@@ -122,9 +130,18 @@ def parse_targets(text: str) -> tuple[str, ...]:
     if text.strip() in ("all", ""):
         return TARGET_MODULES
     names = tuple(t.strip() for t in text.split(",") if t.strip())
-    bad = [t for t in names if t not in TARGET_MODULES]
+    bad = [t for t in names if t not in ALL_TARGET_MODULES]
     if bad:
-        raise ConfigError(f"--targets: unknown module(s) {', '.join(bad)} (known: all, {', '.join(TARGET_MODULES)})")
+        known = ", ".join(ALL_TARGET_MODULES)
+        raise ConfigError(f"--targets: unknown module(s) {', '.join(bad)} (known: all, {known})")
+    return names
+
+
+def parse_kinds(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.replace("+", ",").split(",") if t.strip())
+    bad = [k for k in names if k not in KINDS]
+    if bad or not names:
+        raise ConfigError(f"--kinds: unknown adapter kind(s) {', '.join(bad) or text!r} (known: {', '.join(KINDS)})")
     return names
 
 
@@ -139,6 +156,8 @@ class WorkloadSpec:
     adapters: int = 8
     ranks: tuple[int, ...] = (16,)
     targets: tuple[str, ...] = TARGET_MODULES
+    kinds: tuple[str, ...] = ("lora",)
+    mix: int = 1
     distribution: Distribution = Distribution("zipf", SKEWED_ALPHA)
     prompts: int = 64
     prompt_len: tuple[int, int] = (20, 59)
@@ -164,13 +183,22 @@ class WorkloadSpec:
         return self.adapters
 
     def with_setting(self, key: str, value: str) -> WorkloadSpec:
-        """A copy with one CLI-style setting changed: `adapters=16`, `output-len=32`, `distribution=uniform`."""
+        """A copy with one CLI-style setting changed: `adapters=16`, `output-len=32`, `distribution=uniform`;
+        key `set` takes one `KEY:VALUE` setting as its value, so a sweep can vary several keys
+        (`set=kinds:lora,kinds:dora,mix:2`)."""
         name = key.strip().replace("-", "_")
+        if name == "set":
+            inner, sep, inner_value = value.partition(":")
+            if not sep or inner.strip() == "set":
+                raise ConfigError(f"set: expected KEY:VALUE, got {value!r}")
+            return self.with_setting(inner, inner_value)
         parsers = {
             "adapters": lambda v: _int(v, "adapters"),
             "prompts": lambda v: _int(v, "prompts"),
             "ranks": lambda v: parse_ints(v, "ranks"),
             "targets": parse_targets,
+            "kinds": parse_kinds,
+            "mix": lambda v: _int(v, "mix"),
             "distribution": parse_distribution,
             "prompt_len": lambda v: parse_range(v, "prompt-len"),
             "output_len": lambda v: parse_range(v, "output-len"),
@@ -184,8 +212,11 @@ class WorkloadSpec:
     def describe(self) -> str:
         ranks = ",".join(map(str, self.ranks))
         targets = "all" if self.targets == TARGET_MODULES else ",".join(self.targets)
+        kinds = "" if self.kinds == ("lora",) else f", {'/'.join(self.kinds)}"
+        kinds += f", mixes of {self.mix}" if self.mix > 1 else ""
         return (
-            f"{self.num_adapters} adapters (rank {ranks}, {targets}), {self.distribution}, {self.prompts} prompts, "
+            f"{self.num_adapters} adapters (rank {ranks}, {targets}{kinds}), {self.distribution}, "
+            f"{self.prompts} prompts, "
             f"prompt {format_range(self.prompt_len)} tok, output {format_range(self.output_len)} tok"
             + (", ignore-eos" if self.ignore_eos else "")
         )
@@ -245,8 +276,9 @@ def parse_sweep(text: str) -> tuple[str, list[str]]:
     return key.strip(), items
 
 
-def adapter_name(index: int) -> str:
-    return f"lora{index:03d}"
+def adapter_name(index: int, kinds: Sequence[str] = ("lora",)) -> str:
+    """`lora003`, or named by its kind: `dora003`, `saved-head003`."""
+    return f"{kinds[index % len(kinds)]}{index:03d}"
 
 
 def zipf_weights(n: int, alpha: float) -> list[float]:
@@ -293,6 +325,14 @@ class BenchRequest:
     messages: list[dict] | None = None
     phase: int = 0
     prompt_len: int = 0
+    mix: list[list] | None = None  # [[adapter, weight], ...] when `adapter` names a weighted mix
+
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters the request needs: a mix's parts, its one adapter, or none."""
+        if self.mix is not None:
+            return [name for name, _ in self.mix]
+        return [] if self.adapter is None else [self.adapter]
 
 
 @dataclass
@@ -308,7 +348,7 @@ class Workload:
     @property
     def adapter_names(self) -> list[str]:
         """Adapters named by the requests, in order of first use."""
-        return list(dict.fromkeys(r.adapter for r in self.requests if r.adapter is not None))
+        return list(dict.fromkeys(name for r in self.requests for name in r.adapters))
 
     def to_dict(self) -> dict:
         lens = [r.prompt_len for r in self.requests]
@@ -390,8 +430,18 @@ def synthetic_requests(
         for i in range(n):
             text, length = maker.make(prompt_lens[i], words)
             index = adapters[i]
-            name = None if index is None else names[index] if names is not None else adapter_name(index)
-            out.append(BenchRequest(f"p{phase}-{i}", name, output_lens[i], prompt=text, phase=phase, prompt_len=length))
+            name = None if index is None else names[index] if names is not None else adapter_name(index, spec.kinds)
+            mix = None
+            if index is not None and spec.mix > 1:
+                pool = names if names is not None else [adapter_name(j, spec.kinds) for j in range(spec.num_adapters)]
+                parts = min(spec.mix, len(pool))
+                mix = [[pool[(index + j) % len(pool)], 1.0 / parts] for j in range(parts)]
+                name = "+".join(f"{n}*{w!r}" for n, w in mix)
+            out.append(
+                BenchRequest(
+                    f"p{phase}-{i}", name, output_lens[i], prompt=text, phase=phase, prompt_len=length, mix=mix
+                )
+            )
     return out
 
 
@@ -430,10 +480,10 @@ def prompt_ids(tokenizer, req: BenchRequest) -> list[int]:
 def random_adapter_tensors(
     spec: ModelSpec, rank: int, targets: Sequence[str], generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """PEFT-named LoRA tensors for every layer and target: A ~ N(0, 1/in), B ~ N(0, B_STD²), bfloat16."""
+    """PEFT-named LoRA tensors for every layer and target it has: A ~ N(0, 1/in), B ~ N(0, B_STD²), bfloat16."""
     tensors = {}
     for layer in range(spec.num_layers):
-        for module in targets:
+        for module in (m for m in targets if m in spec.layer_targets(layer)):
             fan_in, fan_out = spec.module_shape(module)
             prefix = f"base_model.model.{spec.module_path(layer, module)}"
             a = torch.randn(rank, fan_in, generator=generator) / math.sqrt(fan_in)
@@ -441,6 +491,18 @@ def random_adapter_tensors(
             tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16).contiguous()
             tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16).contiguous()
     return tensors
+
+
+def model_targets(spec: ModelSpec, targets: Sequence[str]) -> tuple[str, ...]:
+    """`targets` for this model: "all" (`TARGET_MODULES`) means the family's own (Phi-3: qkv_proj,
+    gate_up_proj, ...); a name the model lacks is a `ConfigError`."""
+    if tuple(targets) == TARGET_MODULES:
+        return spec.target_modules
+    bad = [t for t in targets if t not in spec.target_modules]
+    if bad:
+        own = ", ".join(spec.target_modules)
+        raise ConfigError(f"--targets: {', '.join(bad)} not in this model (its targets: {own})")
+    return tuple(targets)
 
 
 def adapter_config(rank: int, targets: Sequence[str], base_model: str) -> dict:
@@ -473,13 +535,16 @@ def write_random_adapters(
     targets: Sequence[str],
     seed: int,
     base_model: str = "",
+    kinds: Sequence[str] = ("lora",),
 ) -> list[str]:
-    """Adapters 0..count-1 under `folder` (those already there are kept: they are the same); their names."""
+    """Adapters 0..count-1 under `folder` (those already there are kept: they are the same); their names.
+    Adapter i is of kind `kinds[i % len(kinds)]`: plain LoRA pairs plus what the kind adds."""
     from safetensors.torch import save_file
 
     names = []
     for i in range(count):
-        name = adapter_name(i)
+        name, kind = adapter_name(i, kinds), kinds[i % len(kinds)]
+        targets = model_targets(spec, targets)
         names.append(name)
         out = Path(folder) / name
         if (out / "adapter_model.safetensors").is_file():
@@ -487,6 +552,9 @@ def write_random_adapters(
         out.mkdir(parents=True, exist_ok=True)
         rank = ranks[i % len(ranks)]
         generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        save_file(random_adapter_tensors(spec, rank, targets, generator), str(out / "adapter_model.safetensors"))
-        (out / "adapter_config.json").write_text(json.dumps(adapter_config(rank, targets, base_model), indent=2))
+        tensors = random_adapter_tensors(spec, rank, targets, generator)
+        tensors.update(kind_tensors(kind, spec, rank, tuple(targets), generator))
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+        config = adapter_config(rank, [*targets, *kind_targets(kind)], base_model) | kind_config(kind)
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return names

@@ -13,6 +13,9 @@ def bench_command(
     adapters: Annotated[str, typer.Option(help="Random adapters to make, or a folder of real ones")] = "8",
     ranks: Annotated[str, typer.Option(help="Ranks of the random adapters, cycled, e.g. 8,16")] = "16",
     targets: Annotated[str, typer.Option(help="Targets of the random adapters: all, or e.g. q_proj,v_proj")] = "all",
+    kinds: Annotated[
+        str, typer.Option(help="Kinds of the random adapters, cycled: lora, dora, bias, vocab, saved-head")
+    ] = "lora",
     distribution: Annotated[
         str, typer.Option(help="Adapter popularity: distinct|uniform|skewed|identical|round-robin|zipf:ALPHA")
     ] = "zipf:1.5",
@@ -22,7 +25,10 @@ def bench_command(
     ignore_eos: Annotated[bool, typer.Option(help="Generate exactly the output length whatever the EOS")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the workload and of the random adapters")] = 0,
     phases: Annotated[str | None, typer.Option(help="Chained workloads: 'adapters=2,prompts=64;adapters=16'")] = None,
-    sweep: Annotated[str | None, typer.Option(help="One workload setting over values: adapters=1,2,4,8")] = None,
+    sweep: Annotated[
+        str | None,
+        typer.Option(help="One workload setting over values: adapters=1,2,4,8 (several: set=kinds:lora,mix:2)"),
+    ] = None,
     systems: Annotated[
         str, typer.Option(help="loracli[:KEY=VALUE...], base, peft-mixed, peft-grouped, merged-swap, vllm, or all")
     ] = "loracli,peft-mixed,base",
@@ -49,6 +55,7 @@ def bench_command(
         adapters=adapters,
         ranks=ranks,
         targets=targets,
+        kinds=kinds,
         distribution=distribution,
         prompts=prompts,
         prompt_len=prompt_len,

@@ -43,6 +43,14 @@ FLAGS: dict[str, str] = {
     "temperature": "--temperature",
     "top_p": "--top-p",
     "ignore_eos": "--ignore-eos",
+    "n": "--n",
+    "top_k": "--top-k",
+    "min_p": "--min-p",
+    "presence_penalty": "--presence-penalty",
+    "frequency_penalty": "--frequency-penalty",
+    "repetition_penalty": "--repetition-penalty",
+    "min_tokens": "--min-tokens",
+    "include_stop_str_in_output": "--include-stop-str-in-output",
     # loracli.cluster.options.ClusterOptions (`run --ray`)
     "address": "--ray",
     "workers": "--workers",
@@ -61,6 +69,7 @@ FLAGS: dict[str, str] = {
     "adapters": "--adapters",
     "ranks": "--ranks",
     "targets": "--targets",
+    "kinds": "--kinds",
     "distribution": "--distribution",
     "prompts": "--prompts",
     "prompt_len": "--prompt-len",
@@ -84,6 +93,11 @@ NO_FLAG = frozenset(
         "resize_window_steps",
         "max_resizes",
         "stop",  # SamplingParams: per record only
+        "logit_bias",  # SamplingParams: per record only (token ids belong to one model's vocabulary)
+        "stop_token_ids",  # SamplingParams: per record only
+        "structure",  # SamplingParams: per record only (a schema, regex, choice or grammar)
+        "logprobs",  # SamplingParams: per record only (its output shape follows the record's form)
+        "prompt_logprobs",  # SamplingParams: per record only
         "fields",  # JobOptions: a FieldMap, from --prompt-field/--adapter-field/--id-field
         "command",
         "exit_after_stop",

@@ -121,6 +121,29 @@ def run_command(
     ignore_eos: Annotated[
         bool, typer.Option(help="Generate max_tokens whatever the EOS", rich_help_panel=SAMPLING)
     ] = False,
+    n: Annotated[
+        int, typer.Option("--n", help="Samples per request (the prompt's KV shared)", rich_help_panel=SAMPLING)
+    ] = 1,
+    top_k: Annotated[int, typer.Option(help="Keep the k best tokens; 0 = all", rich_help_panel=SAMPLING)] = 0,
+    min_p: Annotated[
+        float, typer.Option(help="Drop tokens below min-p x the top token's probability", rich_help_panel=SAMPLING)
+    ] = 0.0,
+    presence_penalty: Annotated[
+        float, typer.Option(help="OpenAI presence penalty, in [-2, 2]", rich_help_panel=SAMPLING)
+    ] = 0.0,
+    frequency_penalty: Annotated[
+        float, typer.Option(help="OpenAI frequency penalty, in [-2, 2]", rich_help_panel=SAMPLING)
+    ] = 0.0,
+    repetition_penalty: Annotated[
+        float, typer.Option(help="vLLM repetition penalty (> 0; 1 = none), prompt + output", rich_help_panel=SAMPLING)
+    ] = 1.0,
+    min_tokens: Annotated[
+        int,
+        typer.Option(help="Tokens before EOS, stop tokens or stop strings may end a request", rich_help_panel=SAMPLING),
+    ] = 0,
+    include_stop_str_in_output: Annotated[
+        bool, typer.Option(help="Keep the matched stop string or stop token in the text", rich_help_panel=SAMPLING)
+    ] = False,
     # --- adapters and slots
     adapters: Annotated[
         str | None, typer.Option(help="Folder with one PEFT adapter per sub-folder", rich_help_panel=SLOTS)
@@ -253,7 +276,19 @@ def run_command(
         deterministic=deterministic,
     )
     defaults = SamplingParams(  # refuses what a record may not set either (loracli/sampling.py)
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None, ignore_eos=ignore_eos
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=None,
+        ignore_eos=ignore_eos,
+        n=n,
+        top_k=top_k,
+        min_p=min_p,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        repetition_penalty=repetition_penalty,
+        min_tokens=min_tokens,
+        include_stop_str_in_output=include_stop_str_in_output,
     )
     options = JobOptions(
         stats_path=stats,

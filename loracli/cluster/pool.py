@@ -256,7 +256,7 @@ class RayPool:
             for req in new:
                 self.sent[w][req.id] = req
             self.request_bytes += len(pickle.dumps(new, protocol=5))
-            needed = {r.adapter for r in new if r.adapter}
+            needed = {name for r in new for name in r.adapters}  # a mix needs each of its adapters
             adapters = self.shipper.ship(w, needed, live=self.router.live()) if self.shipper else None
             calls[self.handles[w].work.remote(new, defaults, self.stopping, adapters)] = w
 

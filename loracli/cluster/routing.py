@@ -4,7 +4,9 @@ Plain-Python bookkeeping: no Ray, no tensors (tests/test_routing.py). The pool (
 requests in (`add`), asks for work whenever a worker's queue has room (`take(worker, room)`),
 reports what came back (`done`) and what a worker holds after each reply (`holds`), and hands
 back the requests of a worker that died (`lose`). Requests are anything with `.id` and `.adapter`
-(`None` = the base model, which every worker holds).
+(`None` = the base model, which every worker holds). A request for an adapter mix (`.mix` set) is
+routed by its mix's first adapter (`route_key`): it goes where that adapter lives, and the worker
+loads the mix's other adapters as it would any adapter.
 
 `AffinityRouter.take(w, room)` fills up to `room` places for worker `w`, in this order:
 1. Starvation guard: a request that has waited while `max_waited` others were sent (to any
@@ -35,6 +37,12 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def route_key(req: Any) -> str | None:
+    """The adapter `req` is routed by: its adapter, or the first adapter of its mix."""
+    mix = getattr(req, "mix", None)
+    return mix.adapters[0] if mix is not None else req.adapter
 
 
 @dataclass
@@ -103,9 +111,10 @@ class Router:
     def _sent(self, w: int, reqs: list[Any]) -> list[Any]:
         state = self.workers[w]
         for req in reqs:
-            state.inflight[req.id] = req.adapter
-            if req.adapter is not None:
-                state.held.add(req.adapter)
+            key = route_key(req)
+            state.inflight[req.id] = key
+            if key is not None:
+                state.held.add(key)
         state.sent += len(reqs)
         self.sent_total += len(reqs)
         return reqs
@@ -128,14 +137,15 @@ class AffinityRouter(Router):
         self.starved = 0  # requests taken by the starvation guard
 
     def add(self, req: Any) -> None:
-        self.queues.setdefault(req.adapter, deque()).append(_Pending(self._next_order(), self.sent_total, req))
+        self.queues.setdefault(route_key(req), deque()).append(_Pending(self._next_order(), self.sent_total, req))
 
     def pending(self) -> int:
         return sum(len(q) for q in self.queues.values())
 
     def _requeue(self, reqs: list[Any]) -> None:
         for req in reversed(reqs):  # to the front, keeping their order, with the oldest numbers
-            self.queues.setdefault(req.adapter, deque()).appendleft(_Pending(-self._next_order(), self.sent_total, req))
+            pending = _Pending(-self._next_order(), self.sent_total, req)
+            self.queues.setdefault(route_key(req), deque()).appendleft(pending)
 
     def take(self, w: int, room: int) -> list[Any]:
         if room <= 0 or not self.workers[w].alive or not self.pending():
@@ -172,7 +182,7 @@ class AffinityRouter(Router):
             key=lambda p: p.order,
         )[:room]
         for p in old:
-            self.queues[p.req.adapter].remove(p)
+            self.queues[route_key(p.req)].remove(p)
         self.starved += len(old)
         return [p.req for p in old]
 

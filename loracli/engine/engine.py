@@ -8,6 +8,20 @@ schedule -> run -> postprocess steps and yields a `Result` per request as it fin
 Requests are pulled lazily from the iterable (at most `window` wait inside the engine), so a
 100k-line input never sits in memory. Failures of one request (unknown or broken adapter,
 prompt too long, non-finite logits) become that request's error result; the run goes on.
+A request for an adapter mix (`Request.mix`) is checked at admission: at most `max_loras`
+adapters, each known, loadable and plain LoRA (`NOT_PLAIN_LORA` refused); results and the
+per-adapter counts name the mix ("shout*0.7+brief*0.5").
+A request's structure (`SamplingParams.structure`) is compiled at admission (a schema that does not
+compile, or no grammar engine installed, is that request's error) and its grammar masks its row's
+logits before sampling (`structured.py`); logprobs and prompt logprobs are taken for the requests
+that ask (`logprobs.py`) and handed back in the `Result`.
+
+A request for n > 1 samples is n sequences (a `SampleGroup`): its prompt is prefilled once and
+its KV blocks shared (see scheduler.py); sample i draws with its own generator seeded seed + i
+(wrapping at 2**64; without a seed, the run's derived seed + i), so with temperature 0 the n
+answers are the same greedy one, as OpenAI gives them. Its one `Result` goes out when all n
+samples have finished (`Result.choices`); when one fails, the others are dropped and the
+request fails.
 """
 
 from __future__ import annotations
@@ -15,11 +29,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 
-from ..adapter_store import AdapterStore, refuse_base_names
+from ..adapter_store import AdapterStore, refuse_base_names, vocab_costs
 from ..config import EngineConfig
 from ..devices import deterministic_default, dtype_name, is_out_of_memory, resolve_device, resolve_dtype
 from ..errors import AdapterError, ConfigError, InputError
@@ -27,20 +41,26 @@ from ..model.llama import CausalLM
 from ..model.loader import load_config, load_state_dict, load_tokenizer
 from ..model_source import default_model_name, resolve_model
 from ..quantiles import percentile
-from ..requests import Request, RequestId
-from ..results import Counters, Failure, Result, input_error_result
-from ..sampling import SamplingParams
+from ..requests import AdapterMix, Request, RequestId
+from ..results import Choice, Counters, Failure, Result, TokenLogprob, input_error_result
+from ..sampling import SEED_RANGE, SamplingParams, conflict
 from .block_manager import BlockManager
+from .logprobs import TokenText, capture, prompt_entries, record
 from .memory_budget import MemoryBudget, working_bytes
 from .merge_policy import MergePolicy
 from .merger import MergeOrders, Merger
 from .model_runner import ModelRunner
 from .sampler import sample
 from .scheduler import Batch, Scheduler
-from .sequence import Sequence
+from .sequence import SampleGroup, Sequence, Status
 from .slot_policy import SlotPolicy
 from .slot_resizer import SlotResizer
 from .slots import SlotManager
+from .structured import EXTRA_HINT, StructuredOutputs
+
+# LoraWeights parts beyond plain LoRA linears (DoRA magnitudes, LoRA and trained base biases,
+# embedding/lm_head parts): an adapter holding any of them is refused in a mix
+NOT_PLAIN_LORA = ("magnitudes", "lora_biases", "base_biases", "vocab")
 
 
 class Engine:
@@ -123,6 +143,8 @@ class Engine:
         self.swap_seconds: list[float] = []  # time to write each adapter activated by a step into its slot
         self._next_seq = 0
         self._arrivals: dict[int, tuple[float, float | None]] = {}
+        self.structured = StructuredOutputs(self.tokenizer, self.spec.vocab_size, self.eos_ids, config.max_num_seqs)
+        self.token_text = TokenText(self.tokenizer)
 
     # --- start-up ----------------------------------------------------------------------------------
 
@@ -151,6 +173,7 @@ class Engine:
             working_bytes(self.spec, cfg.max_batched_tokens, cfg.max_num_seqs, elem),
             self.model.slot_bytes(),
             self.model.kv_bytes_per_row() * cfg.block_size,
+            vocab_costs(cfg.adapters_dir, elem, cfg.allow_pickle, self.spec.tie_embeddings),
         )
 
     def _kv_blocks(self, budget: MemoryBudget | None, slots: int) -> int:
@@ -253,21 +276,32 @@ class Engine:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer(req.prompt)["input_ids"]
 
-    def _params(self, req: Request, defaults: SamplingParams) -> SamplingParams:
-        p = req.params
-        return SamplingParams(
-            max_tokens=p.get("max_tokens", defaults.max_tokens),
-            temperature=p.get("temperature", defaults.temperature),
-            top_p=p.get("top_p", defaults.top_p),
-            seed=p.get("seed", defaults.seed),
-            stop=p.get("stop", defaults.stop),
-            ignore_eos=p.get("ignore_eos", defaults.ignore_eos),
-        )
+    def _params(self, req: Request, defaults: SamplingParams) -> SamplingParams | Failure:
+        """What the request sets, else the run's default, per field; a Failure when two clash."""
+        values = {f.name: req.params.get(f.name, getattr(defaults, f.name)) for f in fields(SamplingParams)}
+        try:
+            return SamplingParams(**values)
+        except ConfigError as e:
+            return Failure("invalid_request", str(e), e.fields[0] if e.fields else None)
+
+    def _token_ids_problem(self, params: SamplingParams) -> Failure | None:
+        """A `logit_bias` or `stop_token_ids` token outside the vocabulary, else None."""
+        vocab = self.spec.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            outside = [t for t in ids if t >= vocab]
+            if outside:
+                message = f"token id {outside[0]} is not in the vocabulary (0..{vocab - 1})"
+                return Failure("invalid_request", message, name)
+        return None
 
     def check(self, req: Request, defaults: SamplingParams) -> tuple[list[int], SamplingParams] | Failure:
         """The one admission check: the prompt's token ids and the request's sampling parameters
         (`max_tokens` cut to the context when the request did not set it), or why it cannot run."""
-        if req.adapter is not None and not self.store.has(req.adapter):
+        if req.mix is not None:
+            refused = self._check_mix(req.mix)
+            if refused is not None:
+                return refused
+        elif req.adapter is not None and not self.store.has(req.adapter):
             known = ", ".join(self.store.names()) or "none"
             return Failure("unknown_adapter", f"unknown adapter {req.adapter!r} (known: {known})", "adapter")
         try:
@@ -279,6 +313,11 @@ class Engine:
                 "prompt_too_long", f"prompt has {len(ids)} tokens; the context is {self.max_model_len}", "prompt"
             )
         params = self._params(req, defaults)
+        if isinstance(params, Failure):
+            return params
+        refused = self._token_ids_problem(params) or self._structure_problem(params)
+        if refused is not None:
+            return refused
         room = self.max_model_len - len(ids)
         if params.max_tokens > room:
             if "max_tokens" in req.params:
@@ -288,10 +327,48 @@ class Engine:
                 )
                 return Failure("max_tokens_too_large", message, "max_tokens")
             params.max_tokens = room
+        clash = conflict(params.min_tokens, params.max_tokens)
+        if clash is not None:
+            return Failure("invalid_request", f"{clash} (the room left in the context)", "min_tokens")
         if self.blocks.blocks_for(len(ids) + params.max_tokens) > self.blocks.num_blocks:
             message = "prompt + max_tokens need more KV cache than allotted (raise kv_cache_memory)"
             return Failure("too_large_for_cache", message, "max_tokens")
         return ids, params
+
+    def _structure_problem(self, params: SamplingParams) -> Failure | None:
+        """Why the request's structure cannot be used (with min_tokens, grammar engine missing, does not
+        compile), else None."""
+        structure = params.structure
+        if structure is None:
+            return None
+        if params.min_tokens:
+            message = "min_tokens cannot be combined with structured output: the grammar decides where it ends"
+            return Failure("invalid_request", message, "min_tokens")
+        try:
+            reason = self.structured.compile(structure)
+        except ImportError:
+            return Failure("missing_extra", EXTRA_HINT, structure.source or None)
+        return None if reason is None else Failure("invalid_structure", reason, structure.source or None)
+
+    def _check_mix(self, mix: AdapterMix) -> Failure | None:
+        """Why an adapter mix cannot run: more adapters than `max_loras` slots, an unknown or broken
+        adapter, or one with more than plain LoRA linears (DoRA, biases, vocab parts), else None."""
+        if len(mix.parts) > self.config.max_loras:
+            message = f"the mix needs {len(mix.parts)} adapters in slots at once; max_loras is {self.config.max_loras}"
+            return Failure("unsupported_mix", message, "adapter")
+        for name in mix.adapters:
+            if not self.store.has(name):
+                known = ", ".join(self.store.names()) or "none"
+                return Failure("unknown_adapter", f"unknown adapter {name!r} in the mix (known: {known})", "adapter")
+            try:
+                weights = self.store.get(name)
+            except AdapterError as e:
+                return Failure("adapter_error", str(e), "adapter")
+            extra = [part for part in NOT_PLAIN_LORA if getattr(weights, part, None)]
+            if extra:
+                message = f"adapter {name!r} has {', '.join(extra)}: a mix takes plain LoRA adapters only"
+                return Failure("unsupported_mix", message, "adapter")
+        return None
 
     def preflight_many(self, reqs: list[Request], defaults: SamplingParams | None = None) -> list[Failure | None]:
         """Why `add_request` would refuse each request (for a strict job), or None."""
@@ -305,32 +382,54 @@ class Engine:
         if isinstance(checked, Failure):
             return self._error(req, checked, now)
         ids, params = checked
-        seq = Sequence(self._next_seq, req.id, req.adapter, ids, params, payload=req)
-        self._next_seq += 1
-        seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + seq.seq_id
-        if params.temperature > 0:
-            self.generators[seq.seq_id] = torch.Generator().manual_seed(seed)
-        self._arrivals[seq.seq_id] = (now, None)
-        self.scheduler.add(seq)
+        group = SampleGroup(params.n) if params.n > 1 else None
+        seqs = [
+            Sequence(self._next_seq + i, req.id, req.adapter, list(ids), params, payload=req, mix=req.mix, group=group)
+            for i in range(params.n)
+        ]
+        self._next_seq += params.n
+        seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + seqs[0].seq_id
+        for i, seq in enumerate(seqs):
+            seq.sample_index = i
+            if params.temperature > 0:
+                self.generators[seq.seq_id] = torch.Generator().manual_seed(sample_seed(seed, i))
+            self._arrivals[seq.seq_id] = (now, None)
+            seq.arrival_step = self.scheduler.step_no
+        if group is not None:
+            group.members = seqs
+        seqs[0].forks = seqs[1:]
+        self.scheduler.add(seqs[0])
         return None
 
     def stop_admitting(self) -> list[RequestId]:
-        """Drop the requests still waiting (not started): a resumed run does them. Returns their ids."""
-        dropped = [seq.request_id for seq in self.scheduler.waiting]
-        for seq in self.scheduler.waiting:
-            self._arrivals.pop(seq.seq_id, None)
-            self.generators.pop(seq.seq_id, None)
-        self.scheduler.waiting.clear()
-        return dropped
+        """Drop the requests still waiting (not started): a resumed run does them. Returns their ids.
+
+        A waiting sample of a request whose other samples started stays: the request is in flight."""
+        waiting = self.scheduler.waiting
+        started = [s for s in waiting if s.group is not None and _started(s.group)]
+        dropped = [s for s in waiting if not any(s is k for k in started)]
+        self._forget(dropped)
+        waiting.clear()
+        waiting.extend(started)
+        return list(dict.fromkeys(seq.request_id for seq in dropped))
+
+    def _forget(self, seqs: list[Sequence]) -> None:
+        """Drop the timing and generators of `seqs` and of the samples still to be forked from them."""
+        for seq in seqs:
+            for s in [seq, *seq.forks]:
+                self._arrivals.pop(s.seq_id, None)
+                self.generators.pop(s.seq_id, None)
+                self.structured.release(s.seq_id)
 
     def abort(self) -> None:
         """Drop every request, started or not, and restore unmerged weights: a job that failed or
         stopped at once leaves no work behind for the next job on this engine."""
         self.stop_admitting()
+        self._forget(list(self.scheduler.waiting))
+        self.scheduler.waiting.clear()
         for seq in list(self.scheduler.running):
             self.scheduler.finish(seq)
-            self._arrivals.pop(seq.seq_id, None)
-            self.generators.pop(seq.seq_id, None)
+            self._forget([seq])
         self._apply(self.merger.settle(self.scheduler.step_no))
 
     def _ensure_adapter(self, name: str) -> str | None:
@@ -349,7 +448,7 @@ class Engine:
         """One engine step: controllers -> schedule -> run -> postprocess. Returns the requests it finished."""
         self._between_steps()
         batch = self.scheduler.schedule()
-        out = [self._fail_seq(seq, Failure("adapter_error", reason, "adapter")) for seq, reason in batch.failed]
+        out = _some(self._fail_seq(seq, Failure("adapter_error", reason, "adapter")) for seq, reason in batch.failed)
         for slot, name in batch.activations:
             t0 = time.perf_counter()
             self.model_runner.write_adapter(slot, self.store.get(name, count_hit=False))
@@ -364,6 +463,10 @@ class Engine:
             if not is_out_of_memory(e):
                 raise
             return out + self._back_off(batch, e)
+        if batch.copies:
+            self.model_runner.copy_blocks(batch.copies)
+        if batch.forks:
+            seqs, logits = _with_forks(seqs, logits, batch.forks)
         out += self._postprocess(seqs, logits, batch.is_prefill, t0)
         if not self.has_work():
             self._apply(self.merger.settle(self.scheduler.step_no))
@@ -389,23 +492,52 @@ class Engine:
         bad = (~torch.isfinite(top)).tolist()
         if any(bad):
             for seq, is_bad in zip(seqs, bad, strict=True):
-                if is_bad:
+                if is_bad and seq.status is Status.RUNNING:  # not dropped with a failed sibling
                     self.scheduler.finish(seq)
-                    out.append(self._fail_seq(seq, Failure("engine_error", "non-finite logits")))
-            keep = [i for i, b in enumerate(bad) if not b]
+                    out += _some([self._fail_seq(seq, Failure("engine_error", "non-finite logits"))])
+            keep = [i for i, seq in enumerate(seqs) if seq.status is Status.RUNNING]  # not failed nor dropped
             seqs, logits, greedy = [seqs[i] for i in keep], logits[keep], greedy[keep]
-        tokens = sample(logits, seqs, self.generators, greedy) if seqs else []
+        greedy = self._constrain(logits, seqs, greedy)
+        captured = capture(logits, seqs)
+        tokens = sample(logits, seqs, self.generators, greedy, self.eos_ids) if seqs else []
+        record(captured, seqs, tokens, self.token_text)
+        if is_prefill:
+            self._prompt_logprobs(seqs)
         now = time.perf_counter()
         self.merger.observe_step(now - t0, len(tokens))
         for seq, tok in zip(seqs, tokens, strict=True):
+            if seq.status is not Status.RUNNING:  # dropped with a failed sibling this step
+                continue
             seq.token_ids.append(tok)
             arrival, first = self._arrivals[seq.seq_id]
             if first is None:
                 self._arrivals[seq.seq_id] = (arrival, now)
-            if self._check_finished(seq, tok):
+            if not self.structured.accept(seq, tok):
                 self.scheduler.finish(seq)
-                out.append(self._finish(seq))
+                out += _some([self._fail_seq(seq, Failure("engine_error", f"the grammar refused token {tok}"))])
+            elif self._check_finished(seq, tok):
+                self.scheduler.finish(seq)
+                out += self._finished(seq)
         return out
+
+    def _constrain(self, logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor) -> torch.Tensor:
+        """Mask the tokens each structured row's grammar forbids (logits [B, V], in place); the
+        greedy choice [B] of the masked logits."""
+        masked = self.structured.mask(logits, seqs)
+        return logits.argmax(-1) if masked else greedy
+
+    def _prompt_logprobs(self, seqs: list[Sequence]) -> None:
+        """After a prefill: the prompt logprobs of the sequences that asked and have none yet."""
+        for seq in seqs:
+            n = seq.params.prompt_logprobs
+            if n is None or seq.prompt_logprobs is not None:
+                continue
+            logits = self.model_runner.prompt_logits.get(seq.seq_id)
+            prompt = seq.token_ids[: seq.num_prompt]
+            if logits is not None:
+                seq.prompt_logprobs = prompt_entries(logits, prompt, n, self.token_text)
+            elif seq.num_prompt == 1:
+                seq.prompt_logprobs = [None]
 
     def _back_off(self, batch: Batch, error: RuntimeError) -> list[Result]:
         """Out of device memory in one step: the scheduler lowers its limits and requeues; a lone
@@ -416,75 +548,133 @@ class Engine:
         if len(batch.seqs) == 1:
             seq = batch.seqs[0]
             self.scheduler.finish(seq)
-            return [self._fail_seq(seq, Failure("out_of_memory", f"out of device memory even alone: {error}"))]
+            return _some([self._fail_seq(seq, Failure("out_of_memory", f"out of device memory even alone: {error}"))])
         self.scheduler.back_off(batch)
         return []
 
     def _check_finished(self, seq: Sequence, tok: int) -> bool:
+        """Whether `seq` ends with `tok`; if so sets its finish reason and text. Before `min_tokens`
+        output tokens only the length ends it; a stop token's text is kept only with
+        `include_stop_str_in_output`, as a stop string's."""
         p = seq.params
+        reason, text = None, None
+        if seq.num_output >= p.min_tokens:
+            reason, text = self._stopped(seq, tok)
+        if reason is None and (seq.num_output >= p.max_tokens or len(seq) >= self.max_model_len):
+            reason = "length"
+        if reason is None:
+            return False
+        seq.finish_reason = reason
+        seq.text = self._decode(seq.output_ids) if text is None else text
+        return True
+
+    def _stopped(self, seq: Sequence, tok: int) -> tuple[str | None, str | None]:
+        """("stop", the text to keep or None for all of it) when `tok` or a stop string ends `seq`."""
+        p = seq.params
+        if self.structured.done(seq.seq_id):  # the grammar took EOS: nothing may follow
+            return "stop", None
+        if tok in p.stop_token_ids:
+            return "stop", None if p.include_stop_str_in_output else self._decode(seq.output_ids[:-1])
         if not p.ignore_eos and tok in self.eos_ids:
-            seq.finish_reason = "stop"
-            return True
+            return "stop", None
         if p.stop:
-            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                seq.text, seq.finish_reason = text[:cut], "stop"
-                return True
-        if seq.num_output >= p.max_tokens or len(seq) >= self.max_model_len:
-            seq.finish_reason = "length"
-            return True
-        return False
+            text = self._decode(seq.output_ids)
+            start = len(self._decode(seq.output_ids[: p.min_tokens - 1])) if p.min_tokens > 1 else 0
+            found = first_stop(text, p.stop, start)
+            if found is not None:
+                cut, stop = found
+                return "stop", text[: cut + len(stop)] if p.include_stop_str_in_output else text[:cut]
+        return None, None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # --- results out -------------------------------------------------------------------------------
 
-    def _finish(self, seq: Sequence) -> Result:
-        if not seq.text:
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        arrival, first = self._arrivals.pop(seq.seq_id)
-        self.generators.pop(seq.seq_id, None)
-        self.counts.prompt_tokens += seq.num_prompt
-        key = seq.adapter or "<base>"
+    def _finished(self, seq: Sequence) -> list[Result]:
+        """The result a finished sequence completes: its own, its group's once all n are done, or none yet."""
+        group = seq.group
+        if group is None:
+            return [self._finish([seq])]
+        group.finished[seq.sample_index] = seq
+        return [self._finish([group.finished[i] for i in range(group.n)])] if group.done else []
+
+    def _finish(self, samples: list[Sequence]) -> Result:
+        """One request's result from its finished samples (one, or n in sample order)."""
+        head = samples[0]
+        times = [self._arrivals.pop(s.seq_id) for s in samples]
+        for s in samples:
+            self.generators.pop(s.seq_id, None)
+            self.structured.release(s.seq_id)
+        self.counts.prompt_tokens += head.num_prompt  # once per request, as OpenAI counts
+        key = head.adapter or "<base>"
         self.counts.per_adapter[key] = self.counts.per_adapter.get(key, 0) + 1
+        firsts = [first for _, first in times if first is not None]
         return Result(
-            seq.payload,
-            seq.request_id,
-            seq.adapter,
-            seq.text,
-            seq.finish_reason,
-            seq.num_prompt,
-            seq.num_output,
-            token_ids=list(seq.output_ids),
-            arrival=arrival,
-            first_token=first,
+            head.payload,
+            head.request_id,
+            head.adapter,
+            head.text,
+            head.finish_reason,
+            head.num_prompt,
+            sum(s.num_output for s in samples),
+            token_ids=list(head.output_ids),
+            arrival=times[0][0],
+            first_token=min(firsts, default=None),
             finished=time.perf_counter(),
-            wait_steps=None if seq.admitted_step is None else seq.admitted_step - seq.arrival_step,
+            wait_steps=None if head.admitted_step is None else head.admitted_step - head.arrival_step,
+            choices=[Choice(s.text, s.finish_reason, list(s.output_ids), _logprobs_of(s)) for s in samples]
+            if head.group
+            else [],
+            logprobs=_logprobs_of(head),
+            prompt_logprobs=head.prompt_logprobs,
         )
 
     def _error(self, req: Request, failure: Failure, arrival: float) -> Result:
         return Result(req, req.id, req.adapter, error=failure, arrival=arrival, finished=time.perf_counter())
 
-    def _fail_seq(self, seq: Sequence, failure: Failure) -> Result:
-        arrival, _ = self._arrivals.pop(seq.seq_id, (time.perf_counter(), None))
-        self.generators.pop(seq.seq_id, None)
+    def _fail_seq(self, seq: Sequence, failure: Failure) -> Result | None:
+        """The request's error result; for one of n samples the others are dropped, and None when
+        the request already failed."""
+        group, members = seq.group, [seq]
+        if group is not None:
+            if group.failed:
+                return None
+            group.failed, members = True, group.members
+            for other in members:
+                if other is not seq:
+                    self.scheduler.drop(other)
+        now = time.perf_counter()
+        arrival = min(self._arrivals.pop(s.seq_id, (now, None))[0] for s in members)
+        for s in members:
+            self.generators.pop(s.seq_id, None)
+            self.structured.release(s.seq_id)
         return Result(
             seq.payload, seq.request_id, seq.adapter, error=failure, arrival=arrival, finished=time.perf_counter()
         )
 
-    def next_token_logits(self, adapter: str | None, token_ids: list[int]) -> torch.Tensor:
-        """float32 logits [V] after `token_ids` under `adapter`, outside any batch (a verification aid).
+    def next_token_logits(
+        self, adapter: str | None, token_ids: list[int], mix: AdapterMix | None = None
+    ) -> torch.Tensor:
+        """float32 logits [V] after `token_ids` under `adapter` (or the adapter `mix`), outside any
+        batch (a verification aid).
 
         Must be called while the engine is idle; uses the same slots, cache and forward as `step`.
         """
         if self.has_work():
             raise RuntimeError("next_token_logits needs an idle engine")
         self._apply(self.merger.settle(self.scheduler.step_no))
-        seq = Sequence(-1, "score", adapter, list(token_ids), SamplingParams())
-        if adapter is not None:
-            slot, _, write = self.slots.place(adapter, self.scheduler.step_no)
+        name = adapter if mix is None else mix.name
+        seq = Sequence(-1, "score", name, list(token_ids), SamplingParams(), mix=mix)
+        slots = []
+        for part in seq.adapters:
+            slot, _, write = self.slots.place(part, self.scheduler.step_no, frozenset(seq.adapters))
             if write:
-                self.model_runner.write_adapter(slot, self.store.get(adapter))
-            seq.slot = slot
+                self.model_runner.write_adapter(slot, self.store.get(part))
+            slots.append(slot)
+        if slots:
+            seq.slot = slots[0]
+            seq.part_slots = slots if mix is not None else []
         self.blocks.allocate(seq)
         try:
             return self.model_runner.run([seq], is_prefill=True)[0]
@@ -518,3 +708,38 @@ class Engine:
                     return
                 continue
             yield from self.step()
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request seeded `seed`: seed + index, wrapped into the seed range."""
+    value = seed + index
+    return value - (1 << 64) if value > SEED_RANGE[1] else value
+
+
+def first_stop(text: str, stops: list[str], start: int = 0) -> tuple[int, str] | None:
+    """The earliest (position, stop string) in `text` of a stop string ending after `start`, or None."""
+    found = [(i, stop) for stop in stops if (i := text.find(stop, max(0, start - len(stop) + 1))) >= 0]
+    return min(found, key=lambda f: f[0], default=None)
+
+
+def _with_forks(
+    seqs: list[Sequence], logits: torch.Tensor, forks: list[tuple[Sequence, list[Sequence]]]
+) -> tuple[list[Sequence], torch.Tensor]:
+    """The step's rows plus one per sample forked this step: a copy of its sample 0's logits row."""
+    row = {id(seq): i for i, seq in enumerate(seqs)}
+    index = list(range(len(seqs))) + [row[id(parent)] for parent, children in forks for _ in children]
+    return seqs + [child for _, children in forks for child in children], logits[index]  # [B + forks, V]
+
+
+def _started(group: SampleGroup) -> bool:
+    return any(member.admitted_step is not None for member in group.members)
+
+
+def _logprobs_of(seq: Sequence) -> list[TokenLogprob] | None:
+    """A sequence's output-token logprobs when its request asked for them, else None."""
+    return list(seq.logprobs) if seq.params.logprobs is not None else None
+
+
+def _some(results) -> list[Result]:
+    """The results that are there (a failed sample's siblings give none)."""
+    return [r for r in results if r is not None]

@@ -12,6 +12,11 @@ handed, asks the `MergePolicy`, carries out its transition on the model runner, 
   hold is dropped, admission is open again, and a credit-forced stop marks the waiting requests
   it was for as owed (no new drain until they are admitted).
 
+An adapter mix is never run merged: its requests count as the base model's in the view (no
+candidate), a running mix keeps any adapter from merging (the batch must hold only X's
+requests), and while X is merged the mix waits like any other request (its adapters may be
+merged on their own).
+
 Step time per token (merged or not) and the time of every merge and unmerge feed the policy's
 online estimates.
 """
@@ -61,8 +66,9 @@ class Merger:
         counts: dict = {}
         work: dict = {}
         for seq in (*waiting, *running):
-            counts[seq.adapter] = counts.get(seq.adapter, 0) + 1
-            work[seq.adapter] = work.get(seq.adapter, 0) + seq.params.max_tokens - seq.num_output
+            key = None if seq.mix is not None else seq.adapter  # a mix is never merged: counted as the base
+            counts[key] = counts.get(key, 0) + 1
+            work[key] = work.get(key, 0) + seq.params.max_tokens - seq.num_output
         waiting_ids = {seq.seq_id for seq in waiting}
         self.owed &= waiting_ids
         overdue = max((s.credits for s in waiting if s.adapter != x), default=0) if x is not None else 0

@@ -5,6 +5,8 @@ Each step is either a prefill step (admit waiting sequences, whole prompts) or a
 - a sequence needs KV blocks for all its tokens, a place among `max_num_seqs`, room in the
   `max_batched_tokens` budget (a lone sequence is always allowed), and, when it names an
   adapter, a device slot for it (already resident, free, or evictable: unused by the batch);
+  a sequence of an adapter mix needs a slot for every adapter of the mix at once (it waits,
+  as above, until all fit) and holds them all while it runs;
 - running short of KV blocks or sequence places stops admission (FCFS for memory);
 - a sequence whose adapter cannot get a slot is skipped so others can run, until it has waited
   `starvation_steps` steps: then admission stops until it gets in, so it waits at most that
@@ -13,6 +15,13 @@ Each step is either a prefill step (admit waiting sequences, whole prompts) or a
   fails, every waiting sequence for it fails with that reason.
 A decode step that lacks a block for some sequence preempts the most recently admitted running
 sequences (their blocks are freed and they wait again, to be recomputed).
+
+A request's n > 1 samples (`Sequence.forks`, see sequence.py) are admitted together: sample 0
+needs places for all n and KV blocks for its prompt plus one per sample when the prompt's last
+block is partly filled; on admission the others are forked from it (`BlockManager.fork`: full
+blocks shared, the partial block copied, `Batch.copies`) and run from the next decode step on.
+Samples that could never be admitted together (n above `max_num_seqs`, or a KV cache too small)
+are queued as separate sequences instead, each prefilling the prompt itself.
 
 While one adapter is merged into the base weights (or the batch drains to merge it), only its
 requests are admitted (`only_adapter`); every other waiting request earns a credit per step.
@@ -38,6 +47,8 @@ class Batch:
     is_prefill: bool
     activations: list[tuple[int, str]] = field(default_factory=list)  # (slot, adapter) to write
     failed: list[tuple[Sequence, str]] = field(default_factory=list)  # adapter load failures
+    forks: list[tuple[Sequence, list[Sequence]]] = field(default_factory=list)  # (sample 0, samples forked from it)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (block, its copy): rows to copy after the run
 
 
 class Scheduler:
@@ -72,12 +83,11 @@ class Scheduler:
 
     def pending_adapters(self, window: int) -> set[str]:
         """Adapters of the running sequences and of the next `window` waiting ones (the slot demand)."""
-        names = {s.adapter for s in self.running if s.adapter is not None}
+        names = {name for s in self.running for name in s.adapters}
         for i, seq in enumerate(self.waiting):
             if i >= window:
                 break
-            if seq.adapter is not None:
-                names.add(seq.adapter)
+            names.update(seq.adapters)
         return names
 
     def schedule(self) -> Batch:
@@ -106,26 +116,32 @@ class Scheduler:
             if stop:
                 kept.append(seq)
                 continue
-            if seq.adapter in failed_adapters:
-                batch.failed.append((seq, failed_adapters[seq.adapter]))
+            failed = _failure_of(seq, failed_adapters)
+            if failed is not None:
+                batch.failed.append((seq, failed))
                 continue
             n = len(seq)
-            fits = self.blocks.blocks_for(n) <= self.blocks.num_free - self.reserve_blocks
-            if len(self.running) >= self.max_num_seqs or (batch.seqs and n > budget) or not fits:
+            if seq.forks and not self._fits_together(seq):
+                self.waiting.extendleft(reversed(seq.forks))  # separate sequences, next in line
+                seq.forks = []
+            need = self.blocks.blocks_for(n) + len(seq.forks) * self.blocks.fork_cost(seq)
+            fits = need <= self.blocks.num_free - self.reserve_blocks
+            full = len(self.running) + len(seq.forks) >= self.max_num_seqs
+            if full or (batch.seqs and n > budget) or not fits:
                 self.kv_blocked = not self.blocks.can_allocate(seq)
                 kept.append(seq)
                 stop = True
                 continue
-            if seq.adapter is not None and self.slots.lookup(seq.adapter) is None:
-                if not self.slots.can_place(seq.adapter):
+            missing = [name for name in seq.adapters if self.slots.lookup(name) is None]
+            if missing:
+                if not self.slots.can_place_all(seq.adapters):
                     if seq.blocked_since is None:
                         seq.blocked_since = self.step_no
                     kept.append(seq)
                     stop = self.step_no - seq.blocked_since >= self.config.starvation_steps
                     continue
-                reason = self.ensure_adapter(seq.adapter)
+                reason = self._load(missing, failed_adapters)
                 if reason is not None:
-                    failed_adapters[seq.adapter] = reason
                     batch.failed.append((seq, reason))
                     continue
             self._start(seq, batch)
@@ -134,20 +150,35 @@ class Scheduler:
         if failed_adapters:
             remaining: deque[Sequence] = deque()
             for seq in self.waiting:
-                if seq.adapter in failed_adapters:
-                    batch.failed.append((seq, failed_adapters[seq.adapter]))
+                failed = _failure_of(seq, failed_adapters)
+                if failed is not None:
+                    batch.failed.append((seq, failed))
                 else:
                     remaining.append(seq)
             self.waiting = remaining
         return batch
 
+    def _load(self, names: list[str], failed_adapters: dict[str, str]) -> str | None:
+        """Load each adapter (`ensure_adapter`); the first failure's reason (also noted in `failed_adapters`)."""
+        for name in names:
+            reason = self.ensure_adapter(name)
+            if reason is not None:
+                failed_adapters[name] = reason
+                return reason
+        return None
+
     def _start(self, seq: Sequence, batch: Batch) -> None:
-        if seq.adapter is not None:
-            slot, _, write = self.slots.place(seq.adapter, self.step_no)
+        keep = frozenset(seq.adapters)
+        slots = []
+        for name in seq.adapters:
+            slot, _, write = self.slots.place(name, self.step_no, keep)
             if write:
-                batch.activations.append((slot, seq.adapter))
+                batch.activations.append((slot, name))
             self.slots.acquire(slot, self.step_no)
-            seq.slot = slot
+            slots.append(slot)
+        if slots:
+            seq.slot = slots[0]
+        seq.part_slots = slots if seq.mix is not None else []
         self.blocks.allocate(seq)
         seq.status = Status.RUNNING
         seq.blocked_since = None
@@ -156,6 +187,28 @@ class Scheduler:
             seq.admitted_step = self.step_no
         self.running.append(seq)
         batch.seqs.append(seq)
+        if seq.forks:
+            self._fork(seq, batch)
+
+    def _fits_together(self, seq: Sequence) -> bool:
+        """Whether `seq` and its forks could ever run at once (in an empty engine)."""
+        need = self.blocks.blocks_for(len(seq)) + len(seq.forks) * self.blocks.fork_cost(seq)
+        return 1 + len(seq.forks) <= self.max_num_seqs and need <= self.blocks.num_blocks - self.reserve_blocks
+
+    def _fork(self, seq: Sequence, batch: Batch) -> None:
+        """Start `seq`'s forks beside it: its slots, its full blocks shared, its partial block copied."""
+        for child in seq.forks:
+            copy = self.blocks.fork(seq, child)
+            if copy is not None:
+                batch.copies.append(copy)
+            for slot in seq.part_slots or ([seq.slot] if seq.slot >= 0 else []):
+                self.slots.acquire(slot, self.step_no)
+            child.slot, child.part_slots = seq.slot, list(seq.part_slots)
+            child.status = Status.RUNNING
+            child.admitted_step = self.step_no
+            self.running.append(child)
+        batch.forks.append((seq, seq.forks))
+        seq.forks = []
 
     def _decode_set(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
@@ -189,12 +242,20 @@ class Scheduler:
         """
         if batch.is_prefill:
             self.max_batched_tokens = max(1, sum(len(s) for s in batch.seqs) // 2)
-            victims = list(batch.seqs)
+            victims = list(batch.seqs) + [child for _, children in batch.forks for child in children]
         else:
             self.max_num_seqs = max(1, len(batch.seqs) // 2)
             victims = self.running[self.max_num_seqs :]
         for seq in reversed(victims):
             self.preempt(seq)
+
+    def drop(self, seq: Sequence) -> None:
+        """Take a sequence out wherever it is (running or waiting): its request failed."""
+        if seq.status is Status.RUNNING:
+            self.finish(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -203,6 +264,12 @@ class Scheduler:
         seq.status = Status.FINISHED
 
     def _release_slot(self, seq: Sequence) -> None:
-        if seq.slot >= 0:
-            self.slots.release(seq.slot)
-            seq.slot = -1
+        for slot in seq.part_slots or ([seq.slot] if seq.slot >= 0 else []):
+            self.slots.release(slot)
+        seq.slot = -1
+        seq.part_slots = []
+
+
+def _failure_of(seq: Sequence, failed_adapters: dict[str, str]) -> str | None:
+    """Why `seq` fails when one of its adapters failed to load this step, else None."""
+    return next((failed_adapters[name] for name in seq.adapters if name in failed_adapters), None)

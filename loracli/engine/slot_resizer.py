@@ -50,7 +50,7 @@ log = logging.getLogger("loracli")
 @dataclass
 class SlotTimeline:
     resizes: list[dict] = field(default_factory=list)  # {step, from, to, reason, seconds}
-    memory: list[dict] = field(default_factory=list)  # {step, slots, kv_blocks, slot_bytes, kv_bytes}
+    memory: list[dict] = field(default_factory=list)  # {step, slots, kv_blocks, slot_bytes, vocab_bytes, kv_bytes}
 
 
 def release_freed_memory() -> None:
@@ -142,6 +142,7 @@ class SlotResizer:
         for seq in running:
             if seq.slot >= 0:
                 seq.slot = move.remap[seq.slot]
+            seq.part_slots = [move.remap[slot] for slot in seq.part_slots]
         if self.budget is not None:
             blocks = self.budget.kv_blocks(n_slots)
             moves = self.blocks.resize(blocks, running)
@@ -193,6 +194,7 @@ class SlotResizer:
                 "slots": self.slots.n_slots,
                 "kv_blocks": self.blocks.num_blocks,
                 "slot_bytes": self.slots.n_slots * self.model.slot_bytes(),
+                "vocab_bytes": self.model.vocab.nbytes(),  # the resident adapters' embedding / lm_head parts
                 "kv_bytes": self.model.kv_bytes(),
             }
         )

@@ -3,7 +3,10 @@
 An adapter is *placed* in a slot (the caller then writes its weights there), *acquired* by
 each running sequence that uses it and *released* when that sequence leaves the batch. Only
 slots with no users and neither pinned nor held can be evicted; among those the least recently used goes
-first, and empty slots are taken before any eviction.
+first, and empty slots are taken before any eviction. An adapter mix needs all its adapters in
+slots at once: `can_place_all` says whether the missing ones fit without evicting the others, and
+`place(name, step, keep)` never evicts an adapter of `keep` (the rest of the mix). Slots count
+distinct adapters, never mixes.
 
 `resize(n)` changes the slot count and compacts: the adapters that stay (every slot in use, then
 pinned ones, then the most recently used) move to the lowest slots in their old order; the rest
@@ -53,24 +56,41 @@ class SlotManager:
     def lookup(self, name: str) -> int | None:
         return self.slot_of.get(name)
 
-    def _victim(self) -> int | None:
+    def _room(self, keep: frozenset[str] = frozenset()) -> list[int]:
+        """Slots a new adapter may take: the empty ones first, then the evictable ones (not in `keep`), LRU first."""
         empty = [s for s in range(self.n_slots) if self.adapter_of[s] is None]
-        if empty:
-            return empty[0]
-        free = [s for s in range(self.n_slots) if self.users[s] == 0 and not self.protected(self.adapter_of[s])]
-        return min(free, key=lambda s: self.last_used[s]) if free else None
+        free = [
+            s
+            for s in range(self.n_slots)
+            if self.adapter_of[s] is not None
+            and self.users[s] == 0
+            and not self.protected(self.adapter_of[s])
+            and self.adapter_of[s] not in keep
+        ]
+        return empty + sorted(free, key=lambda s: self.last_used[s])
+
+    def _victim(self, keep: frozenset[str] = frozenset()) -> int | None:
+        room = self._room(keep)
+        return room[0] if room else None
 
     def can_place(self, name: str) -> bool:
         return name in self.slot_of or self._victim() is not None
 
-    def place(self, name: str, step: int) -> tuple[int, str | None, bool]:
-        """Slot for `name` -> (slot, evicted adapter or None, whether weights must be written)."""
+    def can_place_all(self, names: tuple[str, ...]) -> bool:
+        """Whether every adapter of `names` (a mix) can be resident at once, none evicting another."""
+        missing = [n for n in names if n not in self.slot_of]
+        return len(missing) <= len(self._room(frozenset(names)))
+
+    def place(self, name: str, step: int, keep: frozenset[str] = frozenset()) -> tuple[int, str | None, bool]:
+        """Slot for `name` -> (slot, evicted adapter or None, whether weights must be written).
+
+        Adapters in `keep` (the other adapters of a mix) are not evicted for it."""
         if name in self.slot_of:
             self.stats.hits += 1
             slot = self.slot_of[name]
             self.last_used[slot] = step
             return slot, None, False
-        victim = self._victim()
+        victim = self._victim(keep)
         if victim is None:
             raise RuntimeError("no slot available; call can_place first")
         slot = victim

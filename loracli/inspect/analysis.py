@@ -18,9 +18,15 @@ Contract of `inspect_path(path, ...)`:
   one broken adapter does not hide the others.
 
 Engine cost (in the engine dtype): an adapter's own weights take `lora_pair_bytes` summed over
-its pairs (its CPU-cache footprint); one engine slot at rank R takes `ModelSpec.slot_bytes`,
-which needs the model's shapes (None without `model`); a budget of M bytes holds
-`M // slot_bytes(max_lora_rank)` slots.
+its pairs plus 4 bytes per value of its DoRA magnitude and bias vectors (`extras_bytes`; held in
+float32) (its CPU-cache footprint); one engine slot at rank R takes `ModelSpec.slot_bytes`, which
+needs the model's shapes (None without `model`) and includes the per-row DoRA and bias tables every
+slot holds (`slot_table_bytes`); a budget of M bytes holds `M // slot_bytes(max_lora_rank)` slots.
+`WeightsInfo.extras` counts the adapter's vectors by kind (`adapter_extras.parse_extra_key`).
+`WeightsInfo.vocab` lists its parts on embed_tokens / lm_head (`adapter_vocab`: embedding and head
+LoRA, saved matrices) with their bytes; their sum, `CostInfo.vocab_bytes` (part of the own weights),
+is what the engine holds for them outside the slots at most and reserves in a memory budget
+(`adapter_vocab.vocab_bytes`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..adapter_extras import parse_extra_key
+from ..adapter_vocab import KIND_NAMES, vocab_bytes, vocab_keys
 from ..adapters import CONFIG_NAME, AdapterConfig, check_tensors, lora_pairs, read_adapter_config, weights_file
 from ..config import MAX_LORA_RANK_LIMIT, EngineConfig
 from ..devices import dtype_name, resolve_device, resolve_dtype
@@ -37,7 +45,16 @@ from ..model.spec import ModelSpec, lora_pair_bytes
 from ..ranks import next_power_of_two
 from .lines import merge_layer_lines
 from .modules import module_summaries
-from .report import AdapterReport, CostInfo, EngineInfo, InspectReport, ModelInfo, ModuleSummary, WeightsInfo
+from .report import (
+    AdapterReport,
+    CostInfo,
+    EngineInfo,
+    InspectReport,
+    ModelInfo,
+    ModuleSummary,
+    VocabPart,
+    WeightsInfo,
+)
 from .weights import Meta, open_weights
 
 if TYPE_CHECKING:
@@ -93,7 +110,7 @@ def inspect_adapter(
         problems=problems,
         warnings=warnings,
         config=config_summary(cfg),
-        weights=_weights_info(path, meta, modules, all_zero),
+        weights=_weights_info(path, meta, modules, all_zero, _extra_counts(shapes), _vocab_parts(shapes, dtype_bytes)),
         cost=_cost(shapes, pairs, spec, dtype_bytes),
     )
 
@@ -112,6 +129,7 @@ def config_summary(cfg: AdapterConfig) -> dict:
         "lora_dropout": cfg.lora_dropout,
         "bias": cfg.bias,
         "use_dora": cfg.use_dora,
+        "lora_bias": cfg.lora_bias,
         "modules_to_save": cfg.modules_to_save,
         "layers_to_transform": cfg.layers_to_transform,
         "rank_pattern": cfg.rank_pattern,
@@ -169,7 +187,30 @@ def _inspect_or_error(folder: Path, spec: ModelSpec | None, **one) -> AdapterRep
         return AdapterReport(name=folder.name, path=str(folder), status="error", problems=[str(error)], config=config)
 
 
-def _weights_info(path: Path, meta: dict[str, Meta], modules: list[ModuleSummary], all_zero: bool) -> WeightsInfo:
+def _extra_counts(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """How many DoRA magnitude / lora_B bias / base bias vectors the weights hold, by kind."""
+    counts: dict[str, int] = {}
+    for parsed in filter(None, map(parse_extra_key, shapes)):
+        counts[parsed[2]] = counts.get(parsed[2], 0) + 1
+    return counts
+
+
+def _vocab_parts(shapes: dict[str, tuple[int, ...]], dtype_bytes: int) -> list[VocabPart]:
+    """The adapter's tensors on embed_tokens / lm_head, with their bytes in the engine dtype."""
+    return [
+        VocabPart(module, KIND_NAMES[kind], list(shapes[key]), math.prod(shapes[key]) * dtype_bytes)
+        for (module, kind), key in sorted(vocab_keys(shapes).items())
+    ]
+
+
+def _weights_info(
+    path: Path,
+    meta: dict[str, Meta],
+    modules: list[ModuleSummary],
+    all_zero: bool,
+    extras: dict[str, int],
+    vocab: list[VocabPart],
+) -> WeightsInfo:
     return WeightsInfo(
         file=str(path),
         format="safetensors" if path.suffix == ".safetensors" else "pickle",
@@ -178,6 +219,8 @@ def _weights_info(path: Path, meta: dict[str, Meta], modules: list[ModuleSummary
         parameter_count=sum(math.prod(s) for s, _ in meta.values()),
         dtypes=sorted({d for _, d in meta.values()}),
         all_zero=all_zero,
+        extras=extras,
+        vocab=vocab,
         modules=modules,
     )
 
@@ -188,14 +231,19 @@ def _cost(
     spec: ModelSpec | None,
     dtype_bytes: int,
 ) -> CostInfo | None:
-    """The adapter's own bytes (`lora_pair_bytes` over its pairs) and, with a model, one slot at its rank."""
-    if not pairs:
+    """The adapter's own bytes (`lora_pair_bytes` over its pairs, its vectors and vocabulary parts) and, with a
+    model, one slot at its rank."""
+    vocab = vocab_bytes(shapes, dtype_bytes, tied=spec is not None and spec.tie_embeddings)
+    if not pairs and not vocab:
         return None
     ab = [(shapes[ka], shapes[kb]) for ka, kb in pairs.values()]
-    rank = max(a[0] for a, _ in ab)
+    rank = max((a[0] for a, _ in ab), default=0)
+    extras = sum(4 * math.prod(shape) for key, shape in shapes.items() if parse_extra_key(key))
     return CostInfo(
         rank=rank,
-        own_weights_bytes=sum(lora_pair_bytes(a[0], a[1], b[0], dtype_bytes) for a, b in ab),
+        own_weights_bytes=sum(lora_pair_bytes(a[0], a[1], b[0], dtype_bytes) for a, b in ab) + extras + vocab,
+        extras_bytes=extras,
+        vocab_bytes=vocab,
         slot_bytes_at_rank=spec.slot_bytes(rank, dtype_bytes) if spec else None,
         smallest_max_lora_rank=smallest_max_lora_rank(rank),
     )
@@ -210,4 +258,5 @@ def _engine_info(dt: torch.dtype, max_lora_rank: int, memory_budget: int, spec: 
         memory_budget_bytes=memory_budget,
         slot_bytes=per_slot,
         slots_in_budget=memory_budget // per_slot if per_slot else None,
+        slot_table_bytes=spec.slot_tables_bytes(dt.itemsize) if spec else None,
     )

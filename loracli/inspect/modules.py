@@ -3,7 +3,7 @@
 Contract: `delta_norm(a, b, scale)` is ‖scale·B·A‖_F (A `[r, in]`, B `[out, r]`), computed in
 float64 without the `[out, in]` product, from r×r matrices: |scale| · sqrt(trace((BᵀB)(AAᵀ))).
 `module_summaries(cfg, meta, pairs, get)` reads one LoRA pair at a time through `get` and returns
-one `ModuleSummary` per module type (`TARGET_MODULES` order, then any other by name), every finite
+one `ModuleSummary` per module type (`ALL_TARGET_MODULES` order, then any other by name), every finite
 delta norm, and the problems of the values: tensors holding NaN or infinite values
 (`adapters.nonfinite_problem`, the check `loracli run` makes when it loads the adapter).
 """
@@ -15,7 +15,7 @@ import statistics
 from typing import TYPE_CHECKING
 
 from ..adapters import AdapterConfig, nonfinite_problem
-from ..model.spec import TARGET_MODULES, ModelSpec
+from ..model.spec import ALL_TARGET_MODULES, ModelSpec
 from .report import ModuleSummary, ShapeGroup
 from .weights import Getter, Meta
 
@@ -51,8 +51,8 @@ def module_summaries(
 
 
 def _module_order(module: str) -> tuple[int, str]:
-    """`TARGET_MODULES` first, in their order, then any other module by name."""
-    return (TARGET_MODULES + (module,)).index(module), module
+    """`ALL_TARGET_MODULES` first, in their order, then any other module by name."""
+    return (ALL_TARGET_MODULES + (module,)).index(module), module
 
 
 def _summarize(

@@ -110,6 +110,9 @@ def _render_adapter(report: InspectReport, a: AdapterReport, console, flags: Map
     _issues(console, [a], prefix=False, flags=flags)
 
 
+_EXTRA_LABELS = {"lora_magnitude_vector": "DoRA magnitudes", "lora_B.bias": "lora_B biases", "bias": "trained biases"}
+
+
 def _cost_table(a: AdapterReport, e: EngineInfo, flags: Mapping[str, str]):
     c = a.cost
     cost = _kv_table()
@@ -119,6 +122,13 @@ def _cost_table(a: AdapterReport, e: EngineInfo, flags: Mapping[str, str]):
     cost.add_row("fits", f"{rank_field} >= {fits}" if fits else f"rank above {MAX_LORA_RANK_LIMIT}")
     if c.slot_bytes_at_rank is not None:
         cost.add_row(f"slot at rank {c.rank}", format_bytes(c.slot_bytes_at_rank))
+    if a.weights and a.weights.extras and c is not None:
+        held = ", ".join(f"{n} {_EXTRA_LABELS.get(kind, kind)}" for kind, n in sorted(a.weights.extras.items()))
+        cost.add_row("DoRA / bias vectors", f"{held}: {format_bytes(c.extras_bytes)} (float32)")
+    if a.weights and a.weights.vocab:
+        for p in a.weights.vocab:
+            cost.add_row(f"{p.module} {p.kind}", f"{p.shape}: {format_bytes(p.bytes)}")
+        cost.add_row("embedding / lm_head parts", f"{format_bytes(c.vocab_bytes)} outside the slots (at most)")
     _slot_rows(cost, e, flags)
     return cost
 
@@ -127,7 +137,8 @@ def _slot_rows(table, e: EngineInfo, flags: Mapping[str, str]) -> None:
     if e.slot_bytes is None:
         table.add_row(f"slot at rank {e.max_lora_rank}", f"needs {_field('model', flags)} (a slot spans every module)")
         return
-    table.add_row(f"slot at rank {e.max_lora_rank}", f"{format_bytes(e.slot_bytes)} ({e.dtype})")
+    tables = f", of which {format_bytes(e.slot_table_bytes)} DoRA / bias tables" if e.slot_table_bytes else ""
+    table.add_row(f"slot at rank {e.max_lora_rank}", f"{format_bytes(e.slot_bytes)} ({e.dtype}{tables})")
     table.add_row("slots in budget", f"{e.slots_in_budget} in {format_bytes(e.memory_budget_bytes)}")
 
 

@@ -39,6 +39,16 @@ class ModuleSummary:
 
 
 @dataclass
+class VocabPart:
+    """One tensor on the vocabulary matrices: an embedding / lm_head LoRA half or a full saved matrix."""
+
+    module: str  # "embed_tokens" | "lm_head"
+    kind: str  # `adapter_vocab.KIND_NAMES`: "LoRA A", "LoRA B", "saved base matrix", "modules_to_save matrix"
+    shape: list[int]
+    bytes: int  # in the engine dtype
+
+
+@dataclass
 class WeightsInfo:
     file: str
     format: str  # "safetensors" or "pickle"
@@ -48,6 +58,8 @@ class WeightsInfo:
     dtypes: list[str]
     all_zero: bool
     modules: list[ModuleSummary]
+    extras: dict[str, int] = field(default_factory=dict)  # DoRA magnitude / bias vectors by kind (`adapter_extras`)
+    vocab: list[VocabPart] = field(default_factory=list)  # parts on embed_tokens / lm_head (`adapter_vocab`)
 
 
 @dataclass
@@ -58,6 +70,8 @@ class CostInfo:
     own_weights_bytes: int
     slot_bytes_at_rank: int | None
     smallest_max_lora_rank: int | None  # the smallest valid max_lora_rank that fits it
+    extras_bytes: int = 0  # its DoRA magnitude and bias vectors (float32), part of own_weights_bytes
+    vocab_bytes: int = 0  # its embedding / lm_head parts, part of own_weights_bytes; held outside the slots
 
 
 @dataclass
@@ -94,6 +108,7 @@ class EngineInfo:
     slot_bytes: int | None  # one slot at max_lora_rank; None without a model
     slots_in_budget: int | None
     slot_bytes_formula: str = SLOT_BYTES_FORMULA
+    slot_table_bytes: int | None = None  # the per-row DoRA and bias tables, part of slot_bytes; None without a model
 
 
 @dataclass

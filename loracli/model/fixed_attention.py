@@ -2,14 +2,15 @@
 query, keys and values only, never on the other sequences of the batch, and prefill and decode
 give it the same bits.
 
-    prefill(q[T, Hq, D], k[T, Hkv, D], v[T, Hkv, D], seq_lens, scale, window) -> [T, Hq*D]
-    decode(q[B, Hq, D], kv[2, rows, Hkv, D], DecodeKeys, scale) -> [B, Hq*D]
+    prefill(q[T, Hq, D], k[T, Hkv, D], v[T, Hkv, D], seq_lens, scale, window, cap) -> [T, Hq*D]
+    decode(q[B, Hq, D], kv[2, rows, Hkv, D], DecodeKeys, scale, cap) -> [B, Hq*D]
     DecodeKeys.of(gather[B, L], valid[B, L], Hkv): built once per step, shared by the layers
 
 Both run `attend` on "items" (one KV head of one sequence) holding query rows (a token's query
 heads that share that KV head, GQA) and the sequence's keys, in float32 whatever the model dtype:
 
-1. scores = q·k * scale for every key in one GEMM; keys a row may not see (later positions,
+1. scores = q·k * scale for every key in one GEMM (with `cap` = (c, tanh): c * tanh(scores / c),
+   elementwise, Gemma 2's soft-capping); keys a row may not see (later positions,
    outside the sliding window, padding up to the batch's longest sequence) become -inf;
 2. e = exp(scores - max): the max is exact in any order, padding gives exactly 0;
 3. o = sum of e_c @ v_c and l = sum of e_c over chunks c of `KV_CHUNK` keys counted from key 0,
@@ -30,6 +31,7 @@ weight, so stale cache rows never reach the sums. Memory: one `attend`'s scores,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -40,6 +42,7 @@ from ..kernels import invariant
 KV_CHUNK = 64  # keys per PV GEMM; decode pads the batch's key count to a multiple of it
 QUERY_BLOCK = 256  # prefill: a longer sequence's queries go in blocks of this many tokens
 BATCH_QUERIES = 1024  # prefill: shorter sequences share one attend up to this many (padded) query tokens
+Cap = tuple[float, Callable[[torch.Tensor], torch.Tensor]] | None  # soft cap c and the tanh to use
 
 
 def padded_keys(n: int) -> int:
@@ -47,10 +50,12 @@ def padded_keys(n: int) -> int:
     return -(-n // KV_CHUNK) * KV_CHUNK
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, cap: Cap = None) -> torch.Tensor:
     """q [I, M, D] (scaled), k/v [I, L, D], float32, L a multiple of KV_CHUNK; `hidden` broadcasts to
     [I, M, L], True where a row must not see a key (every row sees at least one) -> [I, M, D]."""
     s = torch.bmm(q, k.transpose(1, 2))
+    if cap is not None:
+        s = cap[1](s / cap[0]) * cap[0]
     s.masked_fill_(hidden, float("-inf"))
     s.sub_(s.amax(-1, keepdim=True)).exp_()
     o = torch.bmm(s[:, :, :KV_CHUNK], v[:, :KV_CHUNK])
@@ -80,7 +85,7 @@ class DecodeKeys:
         return cls(rows, (~valid).repeat(heads, 1).unsqueeze(1), heads)
 
 
-def decode(q: torch.Tensor, kv: torch.Tensor, keys: DecodeKeys, scale: float) -> torch.Tensor:
+def decode(q: torch.Tensor, kv: torch.Tensor, keys: DecodeKeys, scale: float, cap: Cap = None) -> torch.Tensor:
     """One query token per sequence over its cached keys (one plain row gather per K and V)."""
     B, Hq, D = q.shape
     Hkv, L = keys.heads, keys.hidden.shape[-1]
@@ -89,12 +94,18 @@ def decode(q: torch.Tensor, kv: torch.Tensor, keys: DecodeKeys, scale: float) ->
     qp = q.new_zeros(Hkv, B, rows, D, dtype=torch.float32)
     qp[:, :, :group] = (q.float() * scale).view(B, Hkv, group, D).transpose(0, 1)
     k, v = (kv[i].view(-1, D).index_select(0, keys.rows).view(Hkv * B, L, D).float() for i in (0, 1))
-    o = attend(qp.view(Hkv * B, rows, D), k, v, keys.hidden)
+    o = attend(qp.view(Hkv * B, rows, D), k, v, keys.hidden, cap)
     return o.view(Hkv, B, rows, D)[:, :, :group].transpose(0, 1).reshape(B, Hq * D).to(q.dtype)
 
 
 def prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int], scale: float, window: int | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: list[int],
+    scale: float,
+    window: int | None,
+    cap: Cap = None,
 ) -> torch.Tensor:
     """Causal attention within each sequence of the flat batch (lengths `seq_lens`): [T, Hq*D].
 
@@ -109,14 +120,14 @@ def prefill(
     for start, n in sorted(zip(starts, seq_lens, strict=True), key=lambda sn: sn[1]):
         if n > QUERY_BLOCK:
             for first in range(0, n, QUERY_BLOCK):
-                _prefill_blocks(q, k, v, [(start, first, min(QUERY_BLOCK, n - first))], scale, window, out)
+                _prefill_blocks(q, k, v, [(start, first, min(QUERY_BLOCK, n - first))], scale, window, cap, out)
             continue
         if (len(group) + 1) * n > BATCH_QUERIES:  # ascending lengths: n is the group's longest
-            _prefill_blocks(q, k, v, group, scale, window, out)
+            _prefill_blocks(q, k, v, group, scale, window, cap, out)
             group = []
         group.append((start, 0, n))
     if group:
-        _prefill_blocks(q, k, v, group, scale, window, out)
+        _prefill_blocks(q, k, v, group, scale, window, cap, out)
     return out
 
 
@@ -127,6 +138,7 @@ def _prefill_blocks(
     blocks: list[tuple[int, int, int]],
     scale: float,
     window: int | None,
+    cap: Cap,
     out: torch.Tensor,
 ) -> None:
     """Blocks (start, first, n): the queries at positions first..first+n-1 of the sequence whose first
@@ -152,7 +164,7 @@ def _prefill_blocks(
     hidden = key > pos.unsqueeze(-1)  # [Bn, rows, keys]; keys past a block's own are past its last query
     if window is not None:
         hidden |= key <= pos.unsqueeze(-1) - window
-    o = attend(qp.view(len(blocks) * Hkv, rows, D), kp, vp, hidden.repeat_interleave(Hkv, dim=0))
+    o = attend(qp.view(len(blocks) * Hkv, rows, D), kp, vp, hidden.repeat_interleave(Hkv, dim=0), cap)
     o = o.view(len(blocks), Hkv, rows, D)[:, :, : nq * group].view(len(blocks), Hkv, nq, group, D)
     o = o.transpose(1, 2).reshape(len(blocks) * nq, Hq * D)
     real = (step < counts).flatten().nonzero().flatten()

@@ -1,121 +1,107 @@
-"""The decoder (Llama / Mistral / Qwen2) over a paged KV cache, with multi-LoRA linears.
+"""The decoder of every family (`families.FAMILIES`, dense and MoE) over a paged KV cache, with multi-LoRA linears.
 
 One call runs one engine step over a flat batch of T tokens:
 
-    forward(input_ids[T], positions[T], attn: AttnMeta, lora: LoraMeta | None) -> hidden[T, H]
-    logits(hidden[B, H]) -> float32 [B, V]
+    forward(input_ids[T], positions[T], attn: AttnMeta, lora: LoraMeta | None, vocab_slots: [T] | None) -> hidden[T, H]
+    logits(hidden[B, H], slots: [B] | None) -> float32 [B, V]
+
+`vocab_slots` / `slots` are each row's real adapter slot (-1: base model), for the adapters'
+parts on the embedding and lm_head (`vocab_adapters.VocabAdapters`, `CausalLM.vocab`); they
+apply even while the adapter is merged into the layers' weights (its LoRA meta slot is then -1).
 
 Prefill steps hold whole sequences (attention over their own tokens, causal); decode steps
 hold one token per sequence (attention over its cached tokens). K/V of every token are
 written to the cache at `attn.slot_mapping`. The math follows transformers' modeling code
-(RMSNorm in float32, rotate-half RoPE from transformers' own rotary classes, SwiGLU, GQA),
-so outputs match it token for token.
+(RMSNorm in float32, rotate-half RoPE from transformers' own rotary classes, gated MLP, GQA),
+so outputs match it token for token. One layer, with the family's options (`ModelSpec.family`):
+
+    h = norm(x) [* sqrt(H) on the embedding: Gemma]; q|k|v = qkv(h) (fused q|k|v linear or Phi-3's qkv_proj)
+    q, k = rope(qk_norm(q), qk_norm(k))               (q/k norm per head: Qwen3, Gemma 3)
+    a = o(attention(q, k, v; the layer's window, scale, soft cap))     (`attention`)
+    x = x + [post_attention_norm](a)                   (Gemma: a norm on the attention output)
+    g|u = gate_up(mlp_norm(x)); x = x + [post_ff_norm](down(act(g) * u))
+                                                       (a MoE layer: x = x + moe(mlp_norm(x)), `moe.MoeBlock`)
+    logits = lm_head(norm(x)) [-> cap * tanh(logits / cap): Gemma 2]
 
 `deterministic=True` makes every token's logits a function of its own sequence only (batch
 size, batch mix, slot placement, prefill or decode): the linears, lm_head and LoRA ops run on
-row-padded GEMMs (`loracli.kernels.invariant`, `LoraMeta.invariant`), SiLU uses one formula for
-every element, and attention is `fixed_attention` (fixed reduction order, the same for prefill
-and decode; decode keys padded to a multiple of `key_tile`). Every other op of the forward is
-elementwise or reduces within one row (RMSNorm's mean), so it is batch-invariant as it stands.
-Off, the fastest kernels run (F.linear, SDPA, the cost-modelled LoRA strategy), whose last bits
-depend on the batch.
+row-padded GEMMs (`loracli.kernels.invariant`, `LoraMeta.invariant`), SiLU, GELU and tanh use
+one formula for every element (`pointwise`), and attention is `fixed_attention` (fixed reduction
+order, the same for prefill and decode; decode keys padded to a multiple of `key_tile`). Every
+other op of the forward is elementwise or reduces within one row (RMSNorm's mean), so it is
+batch-invariant as it stands. Off, the fastest kernels run (F.linear, SDPA, the cost-modelled LoRA
+strategy), whose last bits depend on the batch.
 """
 
 from __future__ import annotations
-
-import importlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels import LoraMeta, invariant
-from . import fixed_attention
+from . import attention, fixed_attention
+from .attention import AttnMeta, LayerAttn
 from .lora_linear import Dense, MultiLoraLinear
+from .moe import MoeBlock
+from .pointwise import NORMS, activation, rms_norm, softcap, tanh_fn
+from .rope import RopeTables, apply_rope, step_ends
 from .spec import ModelSpec
+from .vocab_adapters import VocabAdapters
 
-
-@dataclass
-class AttnMeta:
-    is_prefill: bool
-    slot_mapping: torch.Tensor  # [T] int64: flat KV-cache row of each token
-    seq_lens: list[int]  # prefill: tokens per sequence (python, sums to T)
-    gather_index: torch.Tensor | None = None  # decode: [B, L] flat KV rows, masked positions -> zero_row
-    key_mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] bool, True = attend
-    fixed_keys: fixed_attention.DecodeKeys | None = None  # decode, deterministic: built at the first layer
-
-
-def rotary_tables(config, spec: ModelSpec, max_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_len, head_dim], computed by transformers' rotary class for this model type."""
-    mt = spec.model_type
-    mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
-    cls = next(getattr(mod, n) for n in dir(mod) if n.endswith("RotaryEmbedding") and n.lower().startswith(mt))
-    rope = cls(config)
-    pos = torch.arange(max_len).unsqueeze(0)
-    cos, sin = rope(torch.zeros(1, dtype=dtype), pos)
-    return cos[0].to(device), sin[0].to(device)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos/sin [T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+__all__ = ["AttnMeta", "CausalLM", "Layer", "rms_norm"]
 
 
 class Layer:
-    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], n_slots: int, max_rank: int, dense: Dense):
-        h, q, kv = spec.hidden, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    """One decoder layer's weights: its four multi-LoRA linears, norms, window and rotary kind.
+
+    `w` holds the layer's checkpoint tensors without the `model.layers.N.` prefix. The q|k|v and
+    gate|up linears are one fused `MultiLoraLinear` each: three / two sub-projections (LoRA targets
+    q_proj, k_proj, v_proj / gate_proj, up_proj), or one (Phi-3's qkv_proj / gate_up_proj).
+    """
+
+    def __init__(self, spec: ModelSpec, index: int, w: dict[str, torch.Tensor], n_slots: int, max_rank: int, dense):
+        fam = spec.family
+        h, inter = spec.hidden, spec.intermediate
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.window = spec.layer_windows[index] if spec.layer_windows else spec.sliding_window
+        self.rope_kind = spec.rope_kinds[index] if spec.rope_kinds else "default"
         self.input_norm = w["input_layernorm.weight"]
-        self.post_norm = w["post_attention_layernorm.weight"]
-        qkv_b = None
-        if spec.qkv_bias:
-            qkv_b = torch.cat([w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"], w["self_attn.v_proj.bias"]])
-        self.qkv = MultiLoraLinear(
-            torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]]),
-            qkv_b,
-            [q, kv, kv],
-            ["q_proj", "k_proj", "v_proj"],
-            h,
-            n_slots,
-            max_rank,
-            dense,
-        )
-        self.o = MultiLoraLinear(
-            w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), [h], ["o_proj"], q, n_slots, max_rank, dense
-        )
-        gu_b = None
-        if spec.mlp_bias:
-            gu_b = torch.cat([w["mlp.gate_proj.bias"], w["mlp.up_proj.bias"]])
-        self.gate_up = MultiLoraLinear(
-            torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]),
-            gu_b,
-            [spec.intermediate, spec.intermediate],
-            ["gate_proj", "up_proj"],
-            h,
-            n_slots,
-            max_rank,
-            dense,
-        )
-        self.down = MultiLoraLinear(
-            w["mlp.down_proj.weight"],
-            w.get("mlp.down_proj.bias"),
-            [h],
-            ["down_proj"],
-            spec.intermediate,
-            n_slots,
-            max_rank,
-            dense,
-        )
+        if fam.sandwich_norms:  # Gemma: post_attention_layernorm is on the attention output
+            self.attn_out_norm = w["post_attention_layernorm.weight"]
+            self.mlp_norm = w["pre_feedforward_layernorm.weight"]
+            self.mlp_out_norm = w["post_feedforward_layernorm.weight"]
+        else:
+            self.attn_out_norm, self.mlp_norm, self.mlp_out_norm = None, w["post_attention_layernorm.weight"], None
+        self.q_norm = w["self_attn.q_norm.weight"] if fam.qk_norm else None
+        self.k_norm = w["self_attn.k_norm.weight"] if fam.qk_norm else None
+
+        def linear(names: list[str], parent: str, splits: list[int], fan_in: int) -> MultiLoraLinear:
+            weight = torch.cat([w[f"{parent}.{n}.weight"] for n in names])
+            biases = [w.get(f"{parent}.{n}.bias") for n in names]
+            bias = torch.cat(biases) if all(b is not None for b in biases) else None
+            return MultiLoraLinear(weight, bias, splits, names, fan_in, n_slots, max_rank, dense)
+
+        if fam.fused_qkv:
+            self.qkv = linear(["qkv_proj"], "self_attn", [q + 2 * kv], h)
+        else:
+            self.qkv = linear(["q_proj", "k_proj", "v_proj"], "self_attn", [q, kv, kv], h)
+        self.o = linear(["o_proj"], "self_attn", [h], q)
+        moe = spec.moe if spec.is_sparse(index) else None
+        self.moe = MoeBlock(moe, w, index, n_slots, max_rank, dense) if moe is not None else None
+        if self.moe is not None:  # a MoE layer: no gated MLP (LoRA targets: the shared expert's, if any)
+            return
+        if fam.fused_gate_up:
+            self.gate_up = linear(["gate_up_proj"], "mlp", [2 * inter], h)
+        else:
+            self.gate_up = linear(["gate_proj", "up_proj"], "mlp", [inter, inter], h)
+        self.down = linear(["down_proj"], "mlp", [h], inter)
+
+    def norms(self) -> list[torch.Tensor]:
+        return [t for t in (self.input_norm, self.attn_out_norm, self.mlp_norm, self.mlp_out_norm) if t is not None]
 
     def linears(self) -> list[MultiLoraLinear]:
-        return [self.qkv, self.o, self.gate_up, self.down]
+        mlp = self.moe.linears() if self.moe is not None else [self.gate_up, self.down]
+        return [self.qkv, self.o, *mlp]
 
 
 class CausalLM:
@@ -137,7 +123,9 @@ class CausalLM:
         self.spec, self.dtype, self.device, self.max_rank = spec, dtype, device, max_rank
         self.deterministic = deterministic
         self.dense: Dense = invariant.linear if deterministic else F.linear
-        self.silu = invariant.silu if deterministic else F.silu
+        self.act = activation(spec.activation, deterministic)  # SiLU or tanh-GELU
+        self.tanh = tanh_fn(deterministic)
+        self.norm_fn = NORMS[spec.family.norm]
         self.key_tile = fixed_attention.KV_CHUNK if deterministic else 1  # decode pads its keys to a multiple
 
         def take(name: str) -> torch.Tensor:
@@ -148,11 +136,17 @@ class CausalLM:
         for i in range(spec.num_layers):
             prefix = f"model.layers.{i}."
             w = {k[len(prefix) :]: take(k) for k in [k for k in state if k.startswith(prefix)]}
-            self.layers.append(Layer(spec, w, n_slots, max_rank, self.dense))
+            self.layers.append(Layer(spec, i, w, n_slots, max_rank, self.dense))
         self.norm = take("model.norm.weight")
         self.lm_head = self.embed if spec.tie_embeddings or "lm_head.weight" not in state else take("lm_head.weight")
-        self.cos, self.sin = rotary_tables(config, spec, max_len, dtype, device)
-        self.scale = spec.head_dim**-0.5
+        self.vocab = VocabAdapters(n_slots)  # per-slot embedding / lm_head parts of the adapters that have them
+        self.rope = RopeTables(config, spec, max_len, dtype, device)
+        # Gemma: the embedding times sqrt(hidden), the factor rounded to the model dtype as transformers does
+        self.embed_scale = torch.tensor(spec.hidden**0.5).to(dtype) if spec.family.embed_scale else None
+        self.attn = [
+            LayerAttn(spec.scale, layer.window, spec.attn_softcap, self.tanh, spec.num_kv_heads)
+            for layer in self.layers
+        ]
         self.kv: list[torch.Tensor] = []
 
     def allocate_kv(self, num_rows: int) -> None:
@@ -202,21 +196,23 @@ class CausalLM:
 
     def weight_bytes(self) -> int:
         seen: dict[int, int] = {}
-        tensors = [self.embed, self.norm, self.lm_head, self.cos, self.sin]
+        tensors = [self.embed, self.norm, self.lm_head, *self.rope.tensors()]
         for layer in self.layers:
-            tensors += [layer.input_norm, layer.post_norm]
+            tensors += layer.norms() + [t for t in (layer.q_norm, layer.k_norm) if t is not None]
+            tensors += layer.moe.tensors() if layer.moe is not None else []
             tensors += [t for lin in layer.linears() for t in (lin.weight, lin.bias) if t is not None]
         for t in tensors:
             seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values())
 
     def slot_bytes(self) -> int:
-        """Bytes of one adapter slot across every LoRA linear (A and B at max rank)."""
+        """Bytes of one adapter slot across every LoRA linear (A, B at max rank; the DoRA and bias tables)."""
         return self.spec.slot_bytes(self.max_rank, self.dtype.itemsize)
 
     def resize_slots(self, n_slots: int, keep: list[int]) -> None:
         for _, lin in self.linears():
             lin.resize(n_slots, keep)
+        self.vocab.resize(n_slots, keep)
 
     def kv_bytes_per_row(self) -> int:
         s = self.spec
@@ -227,58 +223,51 @@ class CausalLM:
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnMeta, lora: LoraMeta | None
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttnMeta,
+        lora: LoraMeta | None,
+        vocab_slots: list[int] | None = None,
     ) -> torch.Tensor:
         s = self.spec
-        x = self.embed[input_ids]  # [T, H]
-        cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
-        for layer, kv in zip(self.layers, self.kv, strict=True):
-            h = rms_norm(x, layer.input_norm, s.rms_eps)
-            qkv = layer.qkv(h, lora)  # [T, (Hq + 2 Hkv) D]
-            q_n, kv_n = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-            q = apply_rope(qkv[:, :q_n].view(-1, s.num_heads, s.head_dim), cos, sin)
-            k = apply_rope(qkv[:, q_n : q_n + kv_n].view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+        x = self.vocab.embed(input_ids, vocab_slots, self.embed, self.dense)  # [T, H]
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        norm, eps = self.norm_fn, s.rms_eps
+        ends = step_ends(positions, attn.seq_lens, attn.is_prefill) if self.rope.switch is not None else None
+        tables = self.rope.lookup(positions, ends)  # kind -> cos, sin [T, R]
+        q_n, kv_n = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        for layer, kv, layer_attn in zip(self.layers, self.kv, self.attn, strict=True):
+            qkv = layer.qkv(norm(x, layer.input_norm, eps), lora)  # [T, (Hq + 2 Hkv) D]
+            q = qkv[:, :q_n].view(-1, s.num_heads, s.head_dim)
+            k = qkv[:, q_n : q_n + kv_n].view(-1, s.num_kv_heads, s.head_dim)
             v = qkv[:, q_n + kv_n :].view(-1, s.num_kv_heads, s.head_dim)
+            if layer.q_norm is not None:  # per head, before RoPE
+                q, k = norm(q, layer.q_norm, eps), norm(k, layer.k_norm, eps)
+            cos, sin = tables[layer.rope_kind]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             kv[0].index_copy_(0, attn.slot_mapping, k)
             kv[1].index_copy_(0, attn.slot_mapping, v)
-            a = self._prefill_attention(q, k, v, attn) if attn.is_prefill else self._decode_attention(q, kv, attn)
-            x = x + layer.o(a, lora)
-            h = rms_norm(x, layer.post_norm, s.rms_eps)
-            gu = layer.gate_up(h, lora)  # [T, 2I]
-            x = x + layer.down(self.silu(gu[:, : s.intermediate]) * gu[:, s.intermediate :], lora)
-        return rms_norm(x, self.norm, s.rms_eps)
+            if attn.is_prefill:
+                a = attention.prefill(q, k, v, attn, layer_attn, self.deterministic)
+            else:
+                a = attention.decode(q, kv, attn, layer_attn, self.deterministic)
+            a = layer.o(a, lora)
+            x = x + (a if layer.attn_out_norm is None else norm(a, layer.attn_out_norm, eps))
+            m = self._mlp(layer, norm(x, layer.mlp_norm, eps), lora)
+            x = x + (m if layer.mlp_out_norm is None else norm(m, layer.mlp_out_norm, eps))
+        return norm(x, self.norm, eps)
+
+    def _mlp(self, layer: Layer, h: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
+        """The gated MLP: down(act(gate) * up), h [T, H] -> [T, H]; or the layer's MoE block (no LoRA)."""
+        if layer.moe is not None:
+            return layer.moe(h, lora, self.dense, self.act, self.deterministic)
+        gu = layer.gate_up(h, lora)  # [T, 2I]: gate | up
+        inter = self.spec.intermediate
+        return layer.down(self.act(gu[:, :inter]) * gu[:, inter:], lora)
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.dense(hidden, self.lm_head).float()
-
-    def _prefill_attention(self, q, k, v, attn: AttnMeta) -> torch.Tensor:
-        """Causal attention within each sequence: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq*D]."""
-        if self.deterministic:
-            return fixed_attention.prefill(q, k, v, attn.seq_lens, self.scale, self.spec.sliding_window)
-        outs, start, window = [], 0, self.spec.sliding_window
-        for n in attn.seq_lens:
-            qs, ks, vs = (t[start : start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            if window is not None and n > window:
-                i = torch.arange(n, device=q.device)
-                mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            else:
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
-            outs.append(o[0].transpose(0, 1).reshape(n, -1))
-            start += n
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
-
-    def _decode_attention(self, q, kv: torch.Tensor, attn: AttnMeta) -> torch.Tensor:
-        """One query per sequence over its cached keys: q [B, Hq, D] -> [B, Hq*D]."""
-        if self.deterministic:
-            if attn.fixed_keys is None:
-                keys = fixed_attention.DecodeKeys.of(attn.gather_index, attn.key_mask[:, 0, 0], self.spec.num_kv_heads)
-                attn.fixed_keys = keys
-            return fixed_attention.decode(q, kv, attn.fixed_keys, self.scale)
-        keys = kv[0][attn.gather_index].transpose(1, 2)  # [B, Hkv, L, D]
-        vals = kv[1][attn.gather_index].transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, vals, attn_mask=attn.key_mask, scale=self.scale, enable_gqa=True
-        )  # [B, Hq, 1, D]
-        return o.reshape(q.shape[0], -1)
+    def logits(self, hidden: torch.Tensor, slots: list[int] | None = None) -> torch.Tensor:
+        out = self.vocab.logits(hidden, slots, self.lm_head, self.dense)
+        return out if self.spec.final_softcap is None else softcap(out, self.spec.final_softcap, self.tanh)

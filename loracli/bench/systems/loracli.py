@@ -36,16 +36,18 @@ class LoracliSystem(System):
         return Engine(config)
 
     def _requests(self, requests: list[dict]):
-        from ...requests import Request
+        from ...requests import AdapterMix, Request
 
         out = []
         for r in requests:
+            mix = r.get("mix")
             req = Request(
                 r["id"],
                 None if self.strip else r["adapter"],
                 r["prompt"],
                 r["messages"],
                 {"max_tokens": r["max_tokens"], "ignore_eos": self.ignore_eos, "temperature": 0.0},
+                mix=None if self.strip or not mix else AdapterMix(tuple((name, float(w)) for name, w in mix)),
             )
             if hasattr(self.engine, "tokenize") and self.engine.tokenize(req) != r["ids"]:
                 raise RuntimeError(f"request {r['id']}: the engine tokenizes the prompt differently from the bench")

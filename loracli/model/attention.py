@@ -1,0 +1,115 @@
+"""Attention of one decoder layer over the paged KV cache, with the layer's own sliding window.
+
+    prefill(q [T, Hq, D], k/v [T, Hkv, D], attn, layer: LayerAttn, deterministic) -> [T, Hq*D]
+    decode(q [B, Hq, D], kv [2, rows, Hkv, D], attn, layer: LayerAttn, deterministic) -> [B, Hq*D]
+
+Semantics (transformers' eager attention): scores = q·k * scale; with a soft cap, scores = cap *
+tanh(scores / cap); a query at position i sees the keys j <= i of its own sequence, and with a window
+w only those with i - j < w; softmax in float32; times v. `LayerAttn` holds a layer's scale, window
+and cap (`ModelSpec.scale`, `layer_windows`, `attn_softcap`).
+
+Deterministic mode runs `fixed_attention` (window and cap passed through). Otherwise SDPA runs
+(causal, or with a window mask when a sequence is longer than the window), or, with a soft cap
+(which SDPA cannot apply), a plain matmul-softmax-matmul. A decode step's masks come from
+`AttnMeta.key_mask` (the sequence's keys) narrowed to the window by `AttnMeta.key_lens`, once per
+window per step (cached on `attn`, as are deterministic mode's `DecodeKeys`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import fixed_attention
+from .pointwise import softcap
+
+
+@dataclass
+class AttnMeta:
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [T] int64: flat KV-cache row of each token
+    seq_lens: list[int]  # prefill: tokens per sequence (python, sums to T)
+    gather_index: torch.Tensor | None = None  # decode: [B, L] flat KV rows, masked positions -> zero_row
+    key_mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] bool, True = attend (the sequence's keys)
+    key_lens: torch.Tensor | None = None  # decode: [B] int64, keys of each sequence (its length)
+    window_masks: dict = field(default_factory=dict)  # decode: window -> [B, 1, 1, L] key_mask within it
+    fixed_keys: dict = field(default_factory=dict)  # decode, deterministic: window -> DecodeKeys
+
+
+@dataclass(frozen=True)
+class LayerAttn:
+    scale: float
+    window: int | None
+    softcap: float | None
+    tanh: Callable[[torch.Tensor], torch.Tensor]
+    kv_heads: int
+
+
+def prefill(q, k, v, attn: AttnMeta, layer: LayerAttn, deterministic: bool) -> torch.Tensor:
+    """Causal attention within each sequence: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq*D]."""
+    if deterministic:
+        cap = None if layer.softcap is None else (layer.softcap, layer.tanh)
+        return fixed_attention.prefill(q, k, v, attn.seq_lens, layer.scale, layer.window, cap)
+    outs, start, window = [], 0, layer.window
+    for n in attn.seq_lens:
+        qs, ks, vs = (t[start : start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        if layer.softcap is not None or (window is not None and n > window):
+            i = torch.arange(n, device=q.device)
+            mask = i[:, None] >= i[None, :]
+            if window is not None:
+                mask &= i[:, None] - i[None, :] < window
+            o = _attend(qs, ks, vs, mask, layer)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=layer.scale, enable_gqa=True)
+        outs.append(o[0].transpose(0, 1).reshape(n, -1))
+        start += n
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def decode(q, kv: torch.Tensor, attn: AttnMeta, layer: LayerAttn, deterministic: bool) -> torch.Tensor:
+    """One query per sequence over its cached keys: q [B, Hq, D] -> [B, Hq*D]."""
+    mask = _window_mask(attn, layer.window)  # [B, 1, 1, L]
+    if deterministic:
+        keys = attn.fixed_keys.get(layer.window)
+        if keys is None:
+            keys = fixed_attention.DecodeKeys.of(attn.gather_index, mask[:, 0, 0], layer.kv_heads)
+            attn.fixed_keys[layer.window] = keys
+        cap = None if layer.softcap is None else (layer.softcap, layer.tanh)
+        return fixed_attention.decode(q, kv, keys, layer.scale, cap)
+    keys = kv[0][attn.gather_index].transpose(1, 2)  # [B, Hkv, L, D]
+    vals = kv[1][attn.gather_index].transpose(1, 2)
+    if layer.softcap is not None:
+        o = _attend(q.unsqueeze(2), keys, vals, mask, layer)
+    else:
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, vals, attn_mask=mask, scale=layer.scale, enable_gqa=True
+        )  # [B, Hq, 1, D]
+    return o.reshape(q.shape[0], -1)
+
+
+def _window_mask(attn: AttnMeta, window: int | None) -> torch.Tensor:
+    """The decode step's key mask [B, 1, 1, L], narrowed to the last `window` keys of each sequence."""
+    if window is None:
+        return attn.key_mask
+    mask = attn.window_masks.get(window)
+    if mask is None:
+        offs = torch.arange(attn.key_mask.shape[-1], device=attn.key_mask.device)
+        inside = offs[None, :] >= (attn.key_lens[:, None] - window)  # [B, L]
+        mask = attn.key_mask & inside[:, None, None, :]
+        attn.window_masks[window] = mask
+    return mask
+
+
+def _attend(q, k, v, mask: torch.Tensor, layer: LayerAttn) -> torch.Tensor:
+    """q [B, Hq, M, D], k/v [B, Hkv, L, D], mask broadcasting to [B, Hq, M, L] (True = attend) -> [B, Hq, M, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * layer.scale
+    if layer.softcap is not None:
+        s = softcap(s, layer.softcap, layer.tanh)
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    return torch.matmul(p, v)
