@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 from test_engine_vs_peft import MAX_TOKENS, make_engine, reference, requests_for
+from tiny import make_adapter
 
 from loracli import peft_fields
 from loracli.adapters import check_tensors, read_adapter_config
@@ -23,29 +24,13 @@ from loracli.errors import AdapterError
 PROMPTS = ["the quick brown fox", "tell me a story about a robot who learns to paint and"]
 
 
-def peft_adapter(model_dir, out, seed: int, **config):
-    """A PEFT adapter with random (non-zero) weights, saved by PEFT itself."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
-    torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **config))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(str(out))
-    return out
-
-
 FORMS = {
-    "regex": dict(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|down_proj)"),
-    "layers": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1],
+    "regex": dict(r=4, alpha=8, targets=r".*\.(q_proj|down_proj)"),
+    "layers": dict(r=8, alpha=16, targets=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1],
                    layers_pattern="layers"),
-    "exclude": dict(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "o_proj"],
+    "exclude": dict(r=4, alpha=4, targets=["q_proj", "k_proj", "o_proj"],
                     exclude_modules=["model.layers.0.self_attn.k_proj"]),
-    "patterns": dict(r=8, lora_alpha=8, target_modules=["q_proj", "gate_proj", "down_proj"], use_rslora=True,
+    "patterns": dict(r=8, alpha=8, targets=["q_proj", "gate_proj", "down_proj"], rslora=True,
                      rank_pattern={"gate_proj": 4}, alpha_pattern={"down_proj": 32}, lora_dropout=0.3),
 }  # fmt: skip
 
@@ -54,7 +39,7 @@ FORMS = {
 def form_adapters(llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("forms")
     for seed, (name, config) in enumerate(FORMS.items()):
-        peft_adapter(llama_dir, root / name, seed + 10, **config)
+        make_adapter(llama_dir, root / name, seed=seed + 10, **config)
     return root
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from loracli.kernels import build_passes, torch_ops
 from runs import read_output, run, tiny_engine, write_jsonl
+from test_engine_vs_peft import greedy
 
 from loracli.config import EngineConfig
 from loracli.engine.block_manager import BlockManager
@@ -284,24 +285,13 @@ def peft_model(model_dir, adapters_dir):
 def peft_run(model, route, prompt_ids):
     """Greedy tokens and the last step's float32 logits, alone (one prompt, no padding)."""
     name = next((k for k, m in MIXES.items() if m == route), route)
-    ids = torch.tensor([prompt_ids])
-    kw = dict(
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=MAX_TOKENS,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    with torch.no_grad():
-        if name is None:
-            with model.disable_adapter():
-                out = model.generate(ids, **kw)
-        else:
-            model.set_adapter(name)
-            out = model.generate(ids, **kw)
-    return out.sequences[0, len(prompt_ids) :].tolist(), out.logits[-1][0].float()
+    if name is None:
+        with model.disable_adapter():
+            tokens, logits = greedy(model, prompt_ids, MAX_TOKENS)
+    else:
+        model.set_adapter(name)
+        tokens, logits = greedy(model, prompt_ids, MAX_TOKENS)
+    return tokens, logits[-1]
 
 
 def mix_of(route) -> AdapterMix | None:

@@ -33,7 +33,11 @@ def reference(model_dir, adapters_dir, adapter, prompt_ids, max_tokens):
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapters_dir / adapter))
-    model.eval()
+    return greedy(model.eval(), prompt_ids, max_tokens)
+
+
+def greedy(model, prompt_ids, max_tokens):
+    """A transformers (+ PEFT) model's greedy tokens and per-step float32 logits for one prompt, no padding."""
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         out = model.generate(

@@ -19,6 +19,7 @@ import json
 import pytest
 import torch
 from runs import tiny_engine
+from test_engine_vs_peft import greedy
 from tiny import make_adapter, make_tokenizer
 
 from loracli.errors import ModelError
@@ -157,19 +158,8 @@ class Reference:
         return self.models[adapter]
 
     def generate(self, adapter, prompt_ids):
-        ids = torch.tensor([prompt_ids])
-        with torch.no_grad():
-            out = self.model(adapter).generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=MAX_TOKENS,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-        return out.sequences[0, len(prompt_ids) :].tolist(), out.logits[-1][0].float()
+        tokens, logits = greedy(self.model(adapter), prompt_ids, MAX_TOKENS)
+        return tokens, logits[-1]
 
 
 def requests(adapters=(None, "low", "high")) -> list[Request]:

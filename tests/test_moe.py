@@ -19,7 +19,7 @@ import pytest
 import torch
 from runs import tiny_engine
 from test_engine_vs_peft import reference
-from tiny import make_tokenizer
+from tiny import make_adapter, make_tokenizer
 
 from loracli.adapters import load_adapter
 from loracli.errors import AdapterError
@@ -79,26 +79,7 @@ def make_moe_model(folder, family: str):
 
 def make_moe_adapter(model_dir, out, *, r, targets, layers=None, seed):
     """A PEFT LoRA adapter with random non-zero A and B on `targets` of `layers` (None: all)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
-    cfg = LoraConfig(
-        r=r,
-        lora_alpha=16,
-        target_modules=list(targets),
-        layers_to_transform=layers,
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(base, cfg)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.3)
-    peft_model.save_pretrained(str(out))
-    return out
+    return make_adapter(model_dir, out, r=r, targets=targets, seed=seed, layers_to_transform=layers)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -101,8 +101,10 @@ def make_adapter(
     rank_pattern=None,
     alpha_pattern=None,
     modules_to_save=None,
+    **config,
 ) -> Path:
-    """`modules_to_save` (e.g. ["lm_head"]): their copies get random noise too, so they differ from the base."""
+    """`modules_to_save` (e.g. ["lm_head"]): their copies get random noise too, so they differ from the base.
+    `targets` may be a list or a regex string; `config` takes any other LoraConfig field (layers_to_transform, ...)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -110,13 +112,14 @@ def make_adapter(
     cfg = LoraConfig(
         r=r,
         lora_alpha=alpha,
-        target_modules=list(targets),
+        target_modules=targets if isinstance(targets, str) else list(targets),
         use_rslora=rslora,
         init_lora_weights=False,
         rank_pattern=rank_pattern or {},
         alpha_pattern=alpha_pattern or {},
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
+        **config,
     )
     torch.manual_seed(seed)
     peft_model = get_peft_model(base, cfg)
