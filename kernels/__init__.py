@@ -4,6 +4,12 @@
     lora_expand(y[T, R], B[S, N, R], meta, out[T, M], offset, ranks)   # adds in place
     lora_weigh(y[T, R], meta)                                          # y[t] *= meta.token_weight[t]
 
+    paged_decode_attention(q[B, Hq, D], kv[2, rows, Hkv, D], paged: PagedMeta, scale, window, softcap) -> [B, Hq, D]
+
+`paged_decode_attention` is a decode step's attention over the paged KV cache, where the keys lie
+(`build_paged_meta`, once per step for all layers); its backends follow the same choice as the
+LoRA ops below (`torch_attention` on CPU, `triton_attention` on CUDA, `reference`).
+
 Adapter mixes chain one `LoraMeta` per part (`build_passes`, `LoraMeta.passes`): shrink, weigh,
 expand per pass.
 
@@ -17,6 +23,9 @@ extra; a one-time warning says so). `LORACLI_LORA_BACKEND=reference|torch|triton
 TRITON_INTERPRET=1, which must be set before triton is first imported, so it is set here when
 triton is not imported yet (for tests; the interpreter is slow). Triton is imported only when its
 backend is first used, so this package imports where Triton is absent.
+
+Every Triton kernel is registered once in `checks.CHECKS` (name, case generator, reference, Triton
+op), which `python -m loracli.selftest` runs on the device: a new kernel adds its entry there.
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ from types import ModuleType
 
 import torch
 
-from . import reference, torch_ops
+from . import reference, torch_attention, torch_ops
 from .meta import LoraMeta, build_meta, build_passes
+from .paged import PagedMeta, build_paged_meta
 
 BACKENDS = ("reference", "torch", "triton")
 BACKEND_ENV = "LORACLI_LORA_BACKEND"
@@ -41,11 +51,14 @@ __all__ = [
     "BACKENDS",
     "LoraMeta",
     "backend_for",
+    "PagedMeta",
     "build_meta",
+    "build_paged_meta",
     "build_passes",
     "lora_expand",
     "lora_shrink",
     "lora_weigh",
+    "paged_decode_attention",
 ]
 
 
@@ -111,3 +124,24 @@ def lora_weigh(y: torch.Tensor, meta: LoraMeta) -> None:
     """y[t] *= meta.token_weight[t] in place (nothing when it is None): a mix part's weight."""
     reference.check_weigh(y, meta)
     _module(y).lora_weigh(y, meta)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    paged: PagedMeta,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """[B, Hq, D]: each sequence's query over its keys in the paged cache (`reference.paged_decode_attention`)."""
+    reference.check_paged_decode(q, kv, paged, window, softcap)
+    name = backend_for(q)
+    if name == "torch":
+        ops: ModuleType = torch_attention
+    elif name == "reference":
+        ops = reference
+    else:
+        _triton_ops(q)  # sets TRITON_INTERPRET first for CPU tensors
+        from . import triton_attention as ops
+    return ops.paged_decode_attention(q, kv, paged, scale, window, softcap)

@@ -1,4 +1,7 @@
-"""The specification of the multi-LoRA ops: slow, obvious, float32. Every backend is tested against it.
+"""The specification of the multi-LoRA ops and of paged decode attention: slow, obvious, float32.
+Every backend is tested against it. `paged_decode_attention` (one query per sequence over the
+paged KV cache, `PagedMeta`) states its shapes and semantics in its own docstring; the rest of
+this docstring is about the LoRA ops.
 
 Shapes (T tokens, S slots, R max rank, K = in features, N = one sub-projection's out features):
 
@@ -40,6 +43,7 @@ from collections.abc import Sequence
 import torch
 
 from .meta import LoraMeta
+from .paged import PagedMeta
 
 
 def _check_slots(meta: LoraMeta, T: int, S: int, R: int, ranks: Sequence[int] | None) -> None:
@@ -139,3 +143,79 @@ def lora_weigh(y: torch.Tensor, meta: LoraMeta) -> None:
         return
     yf = y.detach().cpu().float() * meta.token_weight.detach().cpu()[:, None]
     y.copy_(yf)
+
+
+def check_paged_decode(
+    q: torch.Tensor, kv: torch.Tensor, meta: PagedMeta, window: int | None, softcap: float | None
+) -> None:
+    """Validate the arguments of `paged_decode_attention` (see its docstring); raise ValueError."""
+    if q.dim() != 3 or kv.dim() != 4 or kv.shape[0] != 2 or q.shape[2] != kv.shape[3]:
+        raise ValueError(
+            "paged_decode_attention wants q [B, Hq, D] and kv [2, rows, Hkv, D], "
+            f"got {tuple(q.shape)} and {tuple(kv.shape)}"
+        )
+    if q.shape[1] % kv.shape[2]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {kv.shape[2]} KV heads")
+    if q.dtype != kv.dtype:
+        raise ValueError(f"paged_decode_attention wants one dtype, got q {q.dtype} and kv {kv.dtype}")
+    if meta.block_tables.dim() != 2 or meta.block_tables.shape[0] != q.shape[0] or meta.seq_lens.shape != (q.shape[0],):
+        raise ValueError(
+            f"block tables {tuple(meta.block_tables.shape)} and seq lens {tuple(meta.seq_lens.shape)} "
+            f"do not describe {q.shape[0]} sequences"
+        )
+    if meta.block_tables.shape[1] * meta.block_size < meta.max_len:
+        raise ValueError(
+            f"{meta.block_tables.shape[1]} blocks of {meta.block_size} hold fewer than {meta.max_len} keys"
+        )
+    if window is not None and window < 1 or softcap is not None and softcap <= 0:
+        raise ValueError(f"window must be >= 1 and softcap > 0, got {window} and {softcap}")
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    meta: PagedMeta,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """One query token per sequence over its keys where they lie in the paged KV cache -> [B, Hq, D] in q.dtype.
+
+    Shapes (B sequences, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head dim, bs = meta.block_size):
+
+        q                  [B, Hq, D]          the step's query of each sequence (its last token)
+        kv                 [2, rows, Hkv, D]   the cache: kv[0] keys, kv[1] values, block k = rows [k*bs, (k+1)*bs)
+        meta.block_tables  [B, W] int64        block ids of each sequence, W * bs >= max(seq_lens)
+        meta.seq_lens      [B] int64           n_b >= 1 keys of sequence b, at positions 0 .. n_b - 1
+
+    Semantics, for every sequence b and query head h (GQA: it reads KV head h // G):
+
+        row(j)    = block_tables[b, j // bs] * bs + j % bs                  the key at position j
+        visible   = positions j < n_b, and with a window w only j >= n_b - w (the last w keys)
+        s_j       = (q[b, h] . kv[0, row(j), h // G]) * scale                float32
+        s_j       = softcap * tanh(s_j / softcap)                          when softcap is set (Gemma 2)
+        p         = softmax over the visible j of s_j                      float32
+        out[b, h] = sum_j p_j * kv[1, row(j), h // G]                       float32, rounded once to q.dtype
+
+    Rows that are not visible keys of the sequence (other sequences' rows, table padding, the
+    unwritten tail of the last block, keys outside the window) are never read, so garbage or NaN
+    there never matters. Backends compute in q's dtype where the model does (transformers' eager
+    attention: the scores' GEMM rounds to the model dtype, softmax in float32) and are compared
+    with this within the dtype's tolerance.
+    """
+    B, Hq, D = q.shape
+    G = Hq // kv.shape[2]
+    bs = meta.block_size
+    out = torch.empty(B, Hq, D, dtype=torch.float32)
+    tables, lens = meta.block_tables.cpu(), meta.seq_lens.cpu().tolist()
+    for b, n in enumerate(lens):
+        first = 0 if window is None else max(0, n - window)
+        pos = torch.arange(first, n)
+        rows = tables[b, pos // bs] * bs + pos % bs
+        k, v = (kv[i].detach().cpu().index_select(0, rows).float() for i in (0, 1))  # [n', Hkv, D]
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # [n', Hq, D]
+        s = torch.einsum("hd,jhd->hj", q[b].detach().cpu().float(), k) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        out[b] = torch.einsum("hj,jhd->hd", torch.softmax(s, dim=-1), v)
+    return out.to(device=q.device, dtype=q.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .adapter_sources import where_problem
 from .errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -33,12 +34,13 @@ class EngineConfig:
     """
 
     model: str | None = None  # None = the embedded default model
-    adapters_dir: str | None = None
+    adapters_dir: str | None = None  # a folder, a folder URL or a manifest (adapter_sources); no credentials in URLs
     dtype: str = "auto"
     device: str = "auto"
     max_loras: int = 8
     max_lora_rank: int = 64
     max_cpu_loras: int | None = None  # None = max(32, max_loras)
+    adapter_load_workers: int = 2  # threads loading queued requests' adapters ahead; 0 = load in the step
     max_num_seqs: int = 64
     max_batched_tokens: int = 4096
     max_model_len: int | None = None  # None = the model's context length
@@ -62,6 +64,8 @@ class EngineConfig:
     # Batch-invariant kernels: a request's tokens do not depend on what shares its batch (model/llama.py).
     # None = on unless the model runs in float32 (`devices.deterministic_default`).
     deterministic: bool | None = None
+    # Reuse the KV blocks of a prompt prefix another request of the same adapter computed (engine/block_manager.py).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -92,6 +96,12 @@ class EngineConfig:
                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})",
                 fields=("max_cpu_loras", "max_loras"),
             )
+        w = self.adapter_load_workers
+        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+            raise ConfigError(
+                f"adapter_load_workers must be an integer >= 0 (0: load adapters in the engine step), got {w!r}",
+                fields=("adapter_load_workers",),
+            )
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
         if self.num_kv_blocks is not None:
@@ -101,6 +111,13 @@ class EngineConfig:
             raise ConfigError(
                 f"deterministic must be true, false or unset, got {self.deterministic!r}", fields=("deterministic",)
             )
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ConfigError(
+                f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}",
+                fields=("enable_prefix_caching",),
+            )
+        if isinstance(self.adapters_dir, str) and where_problem(self.adapters_dir):
+            raise ConfigError(f"adapters_dir: {where_problem(self.adapters_dir)}", fields=("adapters_dir",))
         if self.merge_policy not in MERGE_POLICIES:
             raise ConfigError(
                 f"merge_policy must be one of {', '.join(MERGE_POLICIES)}, got {self.merge_policy!r}",

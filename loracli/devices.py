@@ -20,6 +20,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,16 +95,7 @@ def cpu_dtype_probe(seconds: float = PROBE_SECONDS) -> dict[str, Any]:
     """
     from .model_source import cache_root
 
-    path = cache_root() / PROBE_FILE
-    key = machine_key()
-    entries = _read_entries(path)
-    if key not in entries:
-        entries[key] = measure_cpu_dtypes(seconds)
-        try:
-            _write_entries(path, entries)
-        except OSError:
-            pass
-    return entries[key]
+    return cached_probe(cache_root() / PROBE_FILE, machine_key(), lambda: measure_cpu_dtypes(seconds))
 
 
 def machine_key() -> str:
@@ -182,7 +174,21 @@ def _bf16_rows_invariant() -> bool:
     return all(torch.equal(linear(x[:n], w), full[:n]) for n in (1, 7))
 
 
-def _read_entries(path: Path) -> dict[str, Any]:
+def cached_probe(path: Path, key: str, measure: Callable[[], dict[str, Any]], refresh: bool = False) -> dict[str, Any]:
+    """The entry `key` of the probe cache file `path`: read, or (absent, or `refresh`) measured and
+    written back. A cache that cannot be written only costs measuring again next time."""
+    entries = read_probe_cache(path)
+    if refresh or key not in entries:
+        entries[key] = measure()
+        try:
+            write_probe_cache(path, entries)
+        except OSError:
+            pass
+    return entries[key]
+
+
+def read_probe_cache(path: Path) -> dict[str, Any]:
+    """A probe cache file's entries by machine key ({} when it is missing or unreadable); `thread_probe` shares it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -190,7 +196,7 @@ def _read_entries(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _write_entries(path: Path, entries: dict[str, Any]) -> None:
+def write_probe_cache(path: Path, entries: dict[str, Any]) -> None:
     """Replace the file in one step, so a reader never sees half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -9,6 +9,11 @@
 - Tables (`.parquet`, `.csv`, `.tsv` (tab-separated), `.arrow`): read row by row through
   `datasets` in streaming mode (nothing cached or copied); a row's "line" is its 1-based row
   number. A CSV or TSV file's byte order mark is dropped by `datasets` itself.
+- URLs (`s3://`, `hf://datasets/...`, any fsspec URL; `data_urls.py`): the same kinds, streamed
+  (JSONL through the filesystem's block reader with read-ahead, tables through `datasets`); an
+  `hf://` file comes from the local Hub cache when `HF_HUB_OFFLINE` is set. A missing extra,
+  object or permission is a one-line `ConfigError` naming `input_path`. A URL input has no
+  cheap total (`count_records` is None).
 
 `read_items` yields, for every line or row, exactly one item: a `Request`, a `RecordError`, or a
 `Blank` (a JSONL line holding only whitespace). `check_input` refuses a missing, unreadable or
@@ -28,8 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .data_urls import check_remote, local_copy, open_input
 from .errors import ConfigError
 from .requests import FieldMap, RecordError, Request, parse_object, parse_record
+from .url_fs import is_url
 
 MAX_LINE_BYTES = 32 << 20
 TABLE_BUILDERS: dict[str, tuple[str, dict[str, str]]] = {  # kind -> the `datasets` builder and its options
@@ -69,6 +76,12 @@ def check_input(path: str) -> None:
     """
     if path == "-":
         return
+    if is_url(path):
+        local = local_copy(path)
+        if local is None:
+            check_remote(path)
+            return
+        path = local
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"input file not found: {path}")
@@ -90,7 +103,8 @@ class _Replayed(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         # read1: what is already buffered, else one read; never waits for a full buffer (a pipe streams)
-        data = self._head or self._rest.read1(len(buffer))  # type: ignore[attr-defined]
+        read = getattr(self._rest, "read1", self._rest.read)  # an fsspec file has no read1: it reads by blocks
+        data = self._head or read(len(buffer))
         n = min(len(buffer), len(data))
         buffer[:n] = data[:n]
         self._head = data[n:]  # empty once the head is given back: read1 returns at most len(buffer)
@@ -100,7 +114,13 @@ class _Replayed(io.RawIOBase):
 @contextmanager
 def _opened(path: str) -> Iterator[io.BufferedIOBase]:
     """The input's bytes (`-`: stdin), gunzipped when they start with gzip's magic number."""
-    source = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115 - closed below
+    if path == "-":
+        source = sys.stdin.buffer
+    elif is_url(path):
+        local = local_copy(path)
+        source = open(local, "rb") if local else open_input(path)  # noqa: SIM115 - closed below
+    else:
+        source = open(path, "rb")  # noqa: SIM115 - closed below
     try:
         head = source.read(len(GZIP_MAGIC))
         stream = io.BufferedReader(_Replayed(head, source), 1 << 16)
@@ -154,8 +174,9 @@ def _table_items(path: str, kind: str, base_names: frozenset[str], fields: Field
     from datasets import load_dataset
 
     builder, options = TABLE_BUILDERS[kind]
+    files = (local_copy(path) or path) if is_url(path) else path  # datasets streams a URL through fsspec itself
     try:
-        rows = iter(load_dataset(builder, data_files=path, split="train", streaming=True, **options))
+        rows = iter(load_dataset(builder, data_files=files, split="train", streaming=True, **options))
     except Exception as e:  # noqa: BLE001 - any reader failure is one line about the file
         raise ConfigError(f"cannot read {path} as {kind}: {type(e).__name__}: {e}") from None
     number = 0
@@ -185,7 +206,7 @@ def count_records(path: str) -> int | None:
     """Lines (or rows) in the input when cheap to know: plain (not gzip) JSONL under 1 GiB, parquet; else None."""
     kind = input_kind(path)
     p = Path(path)
-    if path == "-" or not p.is_file():
+    if path == "-" or is_url(path) or not p.is_file():
         return None
     if kind == "parquet":
         import pyarrow.parquet as pq

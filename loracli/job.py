@@ -15,6 +15,9 @@ Contract:
   writer). A second job on the same file is refused at once, naming the holder's PID. Outputs
   that are not regular files (`-`, `/dev/null`, a FIFO) get no lock, no sidecar and no resume,
   which is said once on stderr, as is a sidecar and lock kept in the cache (unwritable folder).
+- A Parquet output or an output on a URL (`destinations.py`): results go line by line to a
+  local journal or staging file (all of the above applies to it), and the target is published
+  from it at checkpoints (`JobOptions.checkpoint_seconds`) and when the run ends or stops.
 - A full disk while writing a result, the sidecar or the lock: `outputs.DiskFullError` (exit 2),
   every result written before kept.
 - `strict`: the whole input is checked first (streaming), every problem printed, and the run
@@ -26,6 +29,8 @@ Contract:
   `last_line` then says where reading stopped).
 - Progress on stderr (`run_progress.RunProgress`): a bar on a terminal, else a plain line every
   `JobOptions.progress_seconds`.
+- The summary's `cpu` (local runs; not with `cluster`) says how much other work ran on this
+  process's CPUs during the run and whether that oversubscribed them (`cpu_usage.py`).
 - Requests that give no seed get one derived from the run's seed and their id, so sampled
   outputs do not depend on batch order, and a resumed run equals an uninterrupted one.
 """
@@ -35,6 +40,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
 from hashlib import blake2b
 from pathlib import Path
@@ -44,6 +50,8 @@ from rich.markup import escape
 
 from .cluster.options import ClusterOptions
 from .config import EngineConfig
+from .cpu_usage import cpu_sample, cpu_usage, torch_threads
+from .destinations import Destination, Publisher, PublishingWriter, destination, prepare
 from .devices import deterministic_default
 from .engine_api import BatchEngine
 from .errors import ConfigError
@@ -65,6 +73,7 @@ from .resume import (
 from .run_progress import RunProgress, records_after
 from .sampling import SamplingParams
 from .signals import ForcedStop, StopSignals, signal_name
+from .url_fs import is_url
 
 PREFLIGHT_BATCH = 256  # records checked per call under --strict (one remote call each with --ray)
 SHOWN_PROBLEMS = 20  # failed records printed on stderr before only counting them (all with --strict)
@@ -81,6 +90,7 @@ class JobOptions:
     exit_after_stop: bool = False  # the caller exits after SIGINT/SIGTERM: ignore later signals
     cluster: ClusterOptions | None = None  # --ray: run on engine replicas on a Ray cluster
     progress_seconds: float = 10.0  # stderr not a terminal: a progress line this often (<= 0: none)
+    checkpoint_seconds: float = 60.0  # Parquet or URL output: published at least this often (destinations.py)
 
 
 @dataclass
@@ -110,7 +120,9 @@ class JobSummary:
     last_line: int = 0  # the input's last line (or row) dealt with
     slots: dict = field(default_factory=dict)  # adapter slots: timeline, tiers, swap latency, memory split
     merges: dict = field(default_factory=dict)  # merge/unmerge timeline, time merged, switch cost
+    prefix_cache: dict = field(default_factory=dict)  # blocks and tokens found in the prefix cache, hit rates
     cluster: dict = field(default_factory=dict)  # --ray: routing, per-worker requests/loads/swaps, bytes moved
+    cpu: dict = field(default_factory=dict)  # cpu_usage.cpu_usage: other work on our CPUs, oversubscribed (not --ray)
 
     @property
     def any_failed(self) -> bool:
@@ -162,12 +174,14 @@ def job_identity(input_path: str, config: EngineConfig, defaults: SamplingParams
         "ignore_eos": defaults.ignore_eos,
         "dtype": config.dtype,
         "deterministic": _deterministic(config),  # off, the last bits (and so some tokens) follow the batch
+        # not enable_prefix_caching: it changes no output bit in deterministic mode, and off that mode
+        # it is one more way the batch shapes the last bits, which the mode already allows
         "max_model_len": config.max_model_len,
         "fields": options.fields.as_dict(),
         **_changed_defaults(defaults),
     }
     errors = str(Path(options.errors_path).resolve()) if options.errors_path else None
-    source = input_path if input_path == "-" else str(Path(input_path).resolve())
+    source = input_path if input_path == "-" or is_url(input_path) else str(Path(input_path).resolve())
     return JobIdentity(source, fingerprint(input_path), opts, errors, list(options.command))
 
 
@@ -252,22 +266,24 @@ def validate(
     return count + check()
 
 
-def _prepare_output(mode: str, output: str, options: JobOptions, identity: JobIdentity, notes: Notes) -> Settled:
+def _prepare_output(mode: str, dest: Destination, options: JobOptions, identity: JobIdentity, notes: Notes) -> Settled:
     settled = Settled()
-    files = [p for p in (output, options.errors_path) if p is not None and is_file_output(p)]
+    files = [p for p in (dest.lines, options.errors_path) if p is not None and is_file_output(p)]
     for path in files:
         if mode == "resume":
             repair(path, settled, notes.say)
         elif Path(path).exists():
             Path(path).write_bytes(b"")
     if mode not in NO_RESUME:
-        write_sidecar(output, identity)
+        write_sidecar(dest.local, identity)
     return settled
 
 
-def _output_notes(mode: str, output: str, locks: list[OutputLock]) -> list[str]:
+def _output_notes(mode: str, output: str, locks: list[OutputLock], dest: Destination, period: float) -> list[str]:
     """What to say once before the run about where its output's companions are, or why there are none."""
     notes = []
+    if not dest.plain:
+        notes.append(f"results are written to {dest.lines} and published to {output} every {period:g}s or more")
     if mode == "stdout":
         notes.append("results go to stdout: resume is off (write them to a file to be able to resume)")
     elif mode == "stream":
@@ -308,20 +324,31 @@ def run_job(
     config = engine.config if engine is not None else config
     check_input(input_path)
     identity = job_identity(input_path, config, defaults, options)
-    with hold(((output_path, "output_path"), (options.errors_path, "errors_path"))) as locks:
-        mode = plan_output(output_path, input_path, options.errors_path, identity, options.overwrite)
+    dest = destination(output_path, input_path, options.errors_path, options.stats_path)
+    say = Notes(console).say
+    with hold(((dest.local, "output_path"), (options.errors_path, "errors_path"))) as locks:
+        prepare(dest, options.overwrite, say)
+        mode = plan_output(
+            dest.local, input_path, options.errors_path, identity, options.overwrite, dest.lines, dest.target
+        )
         summary = JobSummary(mode=mode)
-        say = Notes(console).say
-        for note in _output_notes(mode, output_path, locks):
+        for note in _output_notes(mode, output_path, locks, dest, options.checkpoint_seconds):
             say(note)
+        publisher = Publisher(dest, options.checkpoint_seconds, say)
         with StopSignals(options.exit_after_stop) as stop:
+            start = cpu_sample()
             try:
-                _with_engine(
-                    input_path, output_path, config, defaults, options, console, engine, identity, summary, stop
-                )
+                _with_engine(input_path, publisher, config, defaults, options, console, engine, identity, summary, stop)
             except ForcedStop:
                 summary.forced = True
+            except BaseException:
+                with suppress(Exception):  # the run's own error is the one to report; `lines` keeps every result
+                    publisher.finish(complete=False)
+                raise
             summary.interrupted = stop.requested
+            if options.cluster is None:
+                summary.cpu = cpu_usage(start, cpu_sample(), torch_threads())
+        publisher.finish(complete=summary.interrupted is None)
     if options.stats_path:
         Path(options.stats_path).write_text(json.dumps(asdict(summary), indent=2) + "\n", encoding="utf-8")
     if summary.requests + summary.resumed == 0 and summary.interrupted is None:
@@ -331,7 +358,7 @@ def run_job(
 
 def _with_engine(
     input_path: str,
-    output_path: str,
+    publisher: Publisher,
     config: EngineConfig,
     defaults: SamplingParams,
     options: JobOptions,
@@ -346,7 +373,7 @@ def _with_engine(
     engine = engine or _make_engine(config, options, console)
     summary.load_seconds = time.perf_counter() - t0
     try:
-        _stream_job(input_path, output_path, defaults, options, console, engine, identity, summary, stop)
+        _stream_job(input_path, publisher, defaults, options, console, engine, identity, summary, stop)
     finally:
         if owned:
             engine.close()
@@ -367,7 +394,7 @@ def _make_engine(config: EngineConfig, options: JobOptions, console: Console) ->
 
 def _stream_job(
     input_path: str,
-    output_path: str,
+    publisher: Publisher,
     defaults: SamplingParams,
     options: JobOptions,
     console: Console,
@@ -392,9 +419,9 @@ def _stream_job(
     if stop.requested:
         return
     notes = Notes(console)
-    settled = _prepare_output(summary.mode, output_path, options, identity, notes)
+    settled = _prepare_output(summary.mode, publisher.dest, options, identity, notes)
     if summary.mode == "resume":
-        notes.say(_resume_note(output_path, settled))
+        notes.say(_resume_note(publisher.dest.target, settled))
     summary.failed_before = settled.input_errors
     summary.retried = settled.retried
     summary.repaired_lines = settled.torn + settled.foreign
@@ -404,7 +431,7 @@ def _stream_job(
     )
     loop = _JobLoop(engine, Ledger(file, settled), notes, summary, file, stop, progress)
     items = read_items(input_path, engine.base_names, options.fields)
-    writer = ResultWriter(output_path, engine.model_name, append=True, errors_path=options.errors_path)
+    writer = PublishingWriter(publisher, engine.model_name, errors_path=options.errors_path)
     try:
         with writer:
             loop.stream(items, writer, defaults, input_path)
@@ -529,6 +556,7 @@ def _finish_summary(engine: BatchEngine, summary: JobSummary) -> None:
     summary.tokens_per_second = summary.completion_tokens / max(summary.wall_seconds, 1e-9)
     reports = engine.reports()
     summary.slots, summary.merges = reports["slots"], reports["merges"]
+    summary.prefix_cache = summary.counters.prefix_cache()
     summary.cluster = reports.get("cluster", {})
 
 

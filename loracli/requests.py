@@ -13,6 +13,9 @@ finite numbers (0 and negative allowed, as in PEFT); names non-empty strings; th
 empty. `Request.adapter` then holds the mix's name ("shout*0.7+brief*0.5"), the name results and
 stats carry, and `Request.mix` its parts. In the OpenAI form the object is `body.adapter_weights`,
 and `body.model` must then name the base model (when the caller passes its names).
+Every adapter name (`adapter`, a mix's keys, `body.model` when it is not a base model name the caller
+passed) must pass `adapter_sources.names.name_problem` (no `/`, `..`, NUL, URL scheme): a line names
+adapters the catalog defines, never a path or URL.
 
 `parse_record(raw, line, file)` turns one line's bytes into a `Request`; `parse_object` does the
 same for an already decoded object (a table row). Both raise `RecordError` (an `InputError`
@@ -47,6 +50,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .adapter_sources.names import name_problem
 from .errors import InputError
 from .output_fields import NATIVE_OUTPUT_FIELDS, OPENAI_OUTPUT_FIELDS, output_params
 from .sampling import is_int, normalized, problem, shown
@@ -325,6 +329,8 @@ def _check_mix(value: Any, ctx: tuple[str, int], where: str) -> AdapterMix:
     for name, weight in value.items():
         if not isinstance(name, str) or not name:
             raise _fail(ctx, where, f"adapter names must be non-empty strings, got {shown(name)}")
+        if name_problem(name):
+            raise _fail(ctx, where, f"refused adapter name {shown(name)}: {name_problem(name)}")
         ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
         if not ok:
             raise _fail(ctx, f"{where}.{name}", f"weight must be a finite number, got {shown(weight)}")
@@ -341,6 +347,8 @@ def _parse_native(obj: dict, ctx: tuple[str, int]) -> Request:
     elif adapter is not None and (not isinstance(adapter, str) or not adapter):
         message = f"must be an adapter name, an object of adapter names and weights, or null, got {shown(adapter)}"
         raise _fail(ctx, "adapter", message)
+    elif adapter is not None and name_problem(adapter):
+        raise _fail(ctx, "adapter", f"refused adapter name {shown(adapter)}: {name_problem(adapter)}")
     prompt, messages = _check_prompt(obj, ctx, "")
     params = _check_params(obj, ctx, "", NATIVE_PARAMS) | output_params(obj, ctx, "", None)
     unknown = sorted(str(k) for k in set(obj) - NATIVE_FIELDS - NATIVE_OUTPUT_FIELDS)
@@ -370,6 +378,8 @@ def _parse_openai(obj: dict, ctx: tuple[str, int], base_names: frozenset[str]) -
         raise _fail(ctx, "body.prompt", "missing: completions take 'prompt'")
     params = _check_params(body, ctx, "body.", BODY_PARAMS) | output_params(body, ctx, "body.", url)
     adapter = None if model in base_names else model
+    if base_names and adapter is not None and name_problem(adapter):  # unknown base names: the engine refuses it
+        raise _fail(ctx, "body.model", f"refused adapter name {shown(adapter)}: {name_problem(adapter)}")
     mix = None
     if body.get("adapter_weights") is not None:
         mix = _check_mix(body["adapter_weights"], ctx, "body.adapter_weights")

@@ -79,9 +79,28 @@ class Counters:
     disk_loads: int = 0  # adapters read from disk into the CPU cache
     disk_bytes: int = 0
     cpu_hits: int = 0
+    background_loads: int = 0  # adapters loaded by the background loader (adapter_loader.py)
+    load_wait_seconds: float = 0.0  # time steps waited for an adapter load in flight
+    load_hidden_seconds: float = 0.0  # background load time other requests ran through
+    load_wait_steps: int = 0  # steps with nothing to run but requests of adapters still loading
     slot_activations: int = 0  # adapters written into a device slot (swaps in)
     slot_evictions: int = 0
+    prefill_tokens: int = 0  # tokens admissions asked to prefill (prompts, and recomputed sequences)
+    prefix_lookup_blocks: int = 0  # full blocks looked up in the prefix cache at admission
+    prefix_hit_blocks: int = 0  # of them, found cached (their KV reused, not computed)
+    prefix_saved_tokens: int = 0  # tokens of the blocks found cached
     per_adapter: dict[str, int] = field(default_factory=dict)  # finished requests per adapter ("<base>")
+
+    def prefix_cache(self) -> dict:
+        """Prefix-cache hit rates: of the full blocks looked up, and of all tokens asked to prefill."""
+        return {
+            "lookup_blocks": self.prefix_lookup_blocks,
+            "hit_blocks": self.prefix_hit_blocks,
+            "block_hit_rate": _rate(self.prefix_hit_blocks, self.prefix_lookup_blocks),
+            "prefill_tokens": self.prefill_tokens,
+            "saved_tokens": self.prefix_saved_tokens,
+            "token_hit_rate": _rate(self.prefix_saved_tokens, self.prefill_tokens),
+        }
 
     def add(self, other: Counters) -> None:
         for name, value in vars(other).items():
@@ -90,6 +109,10 @@ class Counters:
                     self.per_adapter[key] = self.per_adapter.get(key, 0) + n
             else:
                 setattr(self, name, getattr(self, name) + value)
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
 
 
 def input_error_result(error: InputError) -> Result:

@@ -1,7 +1,7 @@
 """Resuming a run: may an existing output be reused, what does it already settle, what is left.
 
-The sidecar `<output>.loracli.json` records what produced an output: the input (path and a
-fingerprint: size + SHA-256 of its first and last MiB), the options that change results
+The sidecar `<output>.loracli.json` records what produced an output: the input (path or URL and a
+fingerprint: size + SHA-256 of its first and last MiB, read by range for a URL), the options that change results
 (model, max_tokens, temperature, top_p, seed, ignore_eos, dtype, max_model_len, the field
 mapping) and the errors file. It lives beside the output, or in the cache when the output's
 folder is not writable (`output_lock.companion`). `plan_output` decides, before any model is
@@ -40,11 +40,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data_urls import local_copy, open_input
 from .errors import ConfigError
 from .idtable import IdTable
 from .output_lock import companion, is_file_output
 from .outputs import INPUT_ERROR_TYPES, disk_full_fails
 from .requests import RecordError, Request, is_id
+from .url_fs import is_url
 
 SIDECAR_SUFFIX = ".loracli.json"
 # 2: ids keep their type (1 and "1" differ) and a record without one is "#<line>"; outputs of
@@ -63,17 +65,27 @@ def sidecar_path(output: str) -> Path:
 
 
 def fingerprint(path: str) -> dict | None:
-    """Size and SHA-256 of the first and last MiB of a file; None for stdin or a pipe (never read)."""
+    """Size and SHA-256 of the first and last MiB of a file or URL; None for stdin or a pipe (never read)."""
+    if is_url(path):
+        local = local_copy(path)
+        if local is None:
+            with open_input(path) as f:
+                return _fingerprint(f, f.size)
+        path = local
     p = Path(path)
     if path == "-" or not p.is_file():
         return None
-    size = p.stat().st_size
-    h = hashlib.sha256()
     with p.open("rb") as f:
+        return _fingerprint(f, p.stat().st_size)
+
+
+def _fingerprint(f, size: int) -> dict:
+    """The fingerprint of an open, seekable binary file of `size` bytes."""
+    h = hashlib.sha256()
+    h.update(f.read(FINGERPRINT_BYTES))
+    if size > FINGERPRINT_BYTES:
+        f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
         h.update(f.read(FINGERPRINT_BYTES))
-        if size > FINGERPRINT_BYTES:
-            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
-            h.update(f.read(FINGERPRINT_BYTES))
     return {"size": size, "sha256": h.hexdigest()}
 
 
@@ -139,8 +151,19 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def plan_output(output: str, input_path: str, errors: str | None, identity: JobIdentity, overwrite: bool) -> str:
-    """'stdout', 'stream', 'fresh', 'overwrite' or 'resume'; `ConfigError` when the output may not be used."""
+def plan_output(
+    output: str,
+    input_path: str,
+    errors: str | None,
+    identity: JobIdentity,
+    overwrite: bool,
+    lines: str | None = None,
+    shown: str | None = None,
+) -> str:
+    """'stdout', 'stream', 'fresh', 'overwrite' or 'resume'; `ConfigError` when the output may not be used.
+
+    `lines`: the file results are appended to when it is not `output` itself (a Parquet output's journal);
+    `shown`: the output's name in messages when it is not `output` (a URL whose staged copy `output` is)."""
     if output == "-":
         return "stdout"
     for path, what in ((output, "output_path"), (errors, "errors_path")):
@@ -154,14 +177,16 @@ def plan_output(output: str, input_path: str, errors: str | None, identity: JobI
         return "stream"
     if overwrite:
         return "overwrite"
-    if not _nonempty(output) and not _nonempty(errors):
+    if not _nonempty(output) and not _nonempty(lines) and not _nonempty(errors):
         return "fresh"
     sidecar = sidecar_path(output)
     advice = "set overwrite to start over, or another output_path"
     fields = ("overwrite", "output_path")
     if not sidecar.is_file():
+        named = sidecar.name if shown is None else sidecar_name(shown)
         raise ConfigError(
-            f"{output} already exists and has no {sidecar.name} saying which run wrote it; {advice}", fields=fields
+            f"{shown or output} already exists and has no {named} saying which run wrote it; {advice}",
+            fields=fields,
         )
     try:
         then = JobIdentity.from_json(sidecar.read_text(encoding="utf-8"))
@@ -171,12 +196,16 @@ def plan_output(output: str, input_path: str, errors: str | None, identity: JobI
     if diffs:
         changed = tuple(sorted(set(then.options) | set(identity.options))) + ("errors_path",)
         raise ConfigError(
-            f"{output} holds results of another run: "
+            f"{shown or output} holds results of another run: "
             + "; ".join(diffs)
             + f". Resume with the same input and options, or {advice}",
             fields=fields + changed,
         )
     return "resume"
+
+
+def sidecar_name(output: str) -> str:
+    return output.rstrip("/").rsplit("/", 1)[-1] + SIDECAR_SUFFIX
 
 
 def write_sidecar(output: str, identity: JobIdentity) -> None:

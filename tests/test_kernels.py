@@ -6,7 +6,8 @@ interpreter: Triton 3.9 decides interpreted vs compiled when `@triton.jit` decor
 and `import triton` already decorates triton.language's helpers (tl.zeros, ...), so the
 `triton_ops` fixture sets TRITON_INTERPRET=1 before triton is first imported in this process
 (the dispatcher does the same for a forced triton backend).
-The full dtype x rank x tokens x spread sweep is marked slow; the rest is a representative subset.
+The full dtype x rank x tokens x spread sweep (`loracli.kernels.cases`, shared with `python -m loracli.selftest`)
+is marked slow; the rest is a representative subset.
 """
 
 from __future__ import annotations
@@ -22,51 +23,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from loracli.kernels import build_meta, build_passes, lora_expand, lora_shrink, lora_weigh, reference, torch_ops
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOL = {  # (atol, rtol) for values of order 1; bf16/fp16 outputs may be rounded twice
-    torch.float32: (1e-4, 1e-4),
-    torch.bfloat16: (2e-2, 2e-2),
-    torch.float16: (3e-3, 3e-3),
-}
-SPREADS = ("one", "even", "distinct", "zipf", "free", "shuffled")
-K_IN, N_OUT, OFFSET, EXTRA_COLS = 200, 96, 5, 9  # K > the interpreter's BLOCK_K, N > its BLOCK_N
-
-
-def spread_slots(spread: str, T: int, rng: random.Random) -> tuple[list[int], int]:
-    """(token slots, slot count S) for a named spread of T tokens over adapters."""
-    if spread == "one":
-        return [2] * T, 3
-    if spread == "distinct":
-        return list(range(T)), T
-    if spread == "even":  # sorted by slot in equal counts: the usual decode batch (no gather on CPU)
-        return [t * 8 // T for t in range(T)], 8
-    weights = [1 / (k + 1) for k in range(8)]
-    if spread == "zipf":  # sorted by slot, as the model runner batches: contiguous runs
-        return sorted(rng.choices(range(8), weights, k=T)), 8
-    if spread == "free":  # a quarter of the tokens without LoRA, slots interleaved
-        return [s if rng.random() < 0.75 else -1 for s in rng.choices(range(8), weights, k=T)], 8
-    return [rng.randrange(8) for _ in range(T)], 8  # shuffled: non-contiguous, needs `order`
-
-
-@torch.no_grad()
-def make_case(dtype: torch.dtype, R: int, slots: list[int], S: int, seed: int = 0) -> dict:
-    """Random x, A, B, y, out of order-1 values; y has garbage past every rank on purpose."""
-    gen = torch.Generator().manual_seed(seed)
-    T = len(slots)
-
-    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
-
-    return {
-        "meta": build_meta(slots),
-        "x": rand(T, K_IN),
-        "A": rand(S, R, K_IN, scale=K_IN**-0.5),
-        "B": rand(S, N_OUT, R, scale=R**-0.5),
-        "y": rand(T, R),
-        "out": rand(T, OFFSET + N_OUT + EXTRA_COLS),
-    }
-
+from loracli.kernels.cases import (
+    DTYPES,
+    FAST_CASES,
+    FULL_CASES,
+    K_IN,
+    N_OUT,
+    OFFSET,
+    TOL,
+    make_case,
+    spread_slots,
+    sweep_case,
+)
 
 Shrink = Callable[..., torch.Tensor]
 Expand = Callable[..., None]
@@ -173,34 +141,18 @@ def run_both(name: str, request, case: dict, ranks=None, y=None) -> None:
 
 # ---- the sweep ---------------------------------------------------------------------------------
 
-FAST_CASES = [  # (dtype, R, T, spread): every spread, dtype and rank at least once
-    ("fp32", 16, 128, "shuffled"),
-    ("bf16", 8, 7, "free"),
-    ("fp16", 64, 128, "zipf"),
-    ("bf16", 1, 1, "one"),
-    ("fp32", 8, 7, "distinct"),
-    ("bf16", 16, 128, "zipf"),
-    ("bf16", 16, 64, "even"),
-]
-FULL_CASES = [(d, R, T, s) for d in DTYPES for R in (1, 8, 16, 64) for T in (1, 7, 128, 1000) for s in SPREADS]
-
-
-def _sweep_case(dname: str, R: int, T: int, spread: str) -> dict:
-    slots, S = spread_slots(spread, T, random.Random(T * 31 + R))
-    return make_case(DTYPES[dname], R, slots, S, seed=R + T)
-
 
 @pytest.mark.parametrize("backend", TORCH_BACKENDS + TRITON_BACKENDS)
 @pytest.mark.parametrize("dname,R,T,spread", FAST_CASES)
 def test_matches_reference(backend, dname, R, T, spread, request):
-    run_both(backend, request, _sweep_case(dname, R, T, spread))
+    run_both(backend, request, sweep_case(dname, R, T, spread))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", TORCH_BACKENDS + TRITON_BACKENDS)
 @pytest.mark.parametrize("dname,R,T,spread", [c for c in FULL_CASES if c not in FAST_CASES])
 def test_matches_reference_sweep(backend, dname, R, T, spread, request):
-    run_both(backend, request, _sweep_case(dname, R, T, spread))
+    run_both(backend, request, sweep_case(dname, R, T, spread))
 
 
 # ---- ranks, offsets, strides -------------------------------------------------------------------
@@ -470,7 +422,7 @@ def weigh_op(name: str, tops) -> Callable[..., None]:
 def run_mix(name: str, request, dname: str, R: int, T: int, spread: str) -> None:
     """A batch of adapter mixes through backend `name`, pass by pass, against the reference."""
     rng = random.Random(T * 7 + R)
-    tops, case = for_backend(name, request, _sweep_case(dname, R, T, spread))
+    tops, case = for_backend(name, request, sweep_case(dname, R, T, spread))
     x, A, B, before = case["x"], case["A"], case["B"], case["out"]
     S = A.shape[0]
     ranks = [rng.randint(0, R) for _ in range(S)] if R > 1 else None

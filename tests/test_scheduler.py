@@ -129,3 +129,56 @@ def test_slot_manager_lru_and_pinning():
     sm.release(1)
     assert sm.can_place("c")
     assert sm.place("b", 5) == (1, None, False) and sm.stats.hits == 1
+
+
+# --- adapters still loading in the background (engine/adapter_loader.py) ---------------------------
+
+
+def make_loading(loading, **kw):
+    """A scheduler whose `adapter_ready` is false for the adapters in the (mutable) set `loading`."""
+    sched, loads = make(**kw)
+    sched.adapter_ready = lambda name: name not in loading
+    return sched, loads
+
+
+def test_loading_adapter_is_skipped_and_others_run():
+    loading = {"a"}
+    sched, loads = make_loading(loading, n_slots=2)
+    for i, a in enumerate(["a", "b", "a", None, "b"]):
+        sched.add(seq(i, a))
+    batch = sched.schedule()
+    assert [s.seq_id for s in batch.seqs] == [1, 3, 4]  # a's requests skipped, not blocking those after
+    assert loads == ["b"]  # nothing is read for an adapter still loading, no slot taken for it
+    assert [s.seq_id for s in sched.waiting] == [0, 2]
+    assert all(s.blocked_since is None for s in sched.waiting)  # a load is not slot starvation
+    assert sched.loading_skips == 2
+    loading.clear()
+    batch = sched.schedule()
+    assert [s.seq_id for s in batch.seqs] == [0, 2] and loads == ["b", "a"]
+
+
+def test_loaded_adapter_keeps_its_place_in_line():
+    """Once loaded, a skipped request goes before those that arrived after it, even when memory is short."""
+    loading = {"x"}
+    sched, _ = make_loading(loading, n_slots=2, max_num_seqs=2)
+    for i, a in enumerate(["x", "a", "a", "a", "a"]):
+        sched.add(seq(i, a))
+    batch = sched.schedule()
+    assert [s.seq_id for s in batch.seqs] == [1, 2]  # x loading; the batch is then full (FCFS stop)
+    loading.clear()
+    finish_all(sched, batch)
+    batch = sched.schedule()
+    assert [s.seq_id for s in batch.seqs] == [0, 3]  # x first, in its arrival order
+    assert [s.seq_id for s in sched.waiting] == [4]
+
+
+def test_loading_adapter_that_fails_fails_only_its_requests():
+    loading = {"x"}
+    sched, _ = make_loading(loading, n_slots=2, bad={"x"})
+    for i, a in enumerate(["x", "a", "x"]):
+        sched.add(seq(i, a))
+    assert [s.seq_id for s in sched.schedule().seqs] == [1]
+    loading.clear()  # the load finished, and failed
+    batch = sched.schedule()
+    assert [s.seq_id for s, _ in batch.failed] == [0, 2] and all("broken" in r for _, r in batch.failed)
+    assert not sched.waiting and [s.seq_id for s in sched.running] == [1]

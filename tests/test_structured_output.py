@@ -236,3 +236,17 @@ def test_each_of_n_samples_follows_the_grammar_and_has_its_logprobs(engine, tmp_
     for choice in out["choices"]:
         assert choice["finish_reason"] == "stop" and re.fullmatch(REGEX, choice["text"]), choice
         assert "".join(entry["token"] for entry in choice["logprobs"][:-1]) == choice["text"]  # the last: EOS
+
+
+def test_the_bench_long_answer_schema_masks_every_token_and_never_ends_an_answer(engine):
+    """The bench's `structured=json` workload: with `ignore_eos` every request runs to its max_tokens
+    inside the schema's one string (so its cost is measured per token, at equal output length)."""
+    from loracli.bench.workload import long_answer_schema, structure_field
+
+    assert structure_field("none", 8) is None
+    records = [{**_native(i), "max_tokens": 24, "ignore_eos": True, **structure_field("json", 24)} for i in range(6)]
+    for res in _generate(engine, records).values():
+        assert res.error is None and res.finish_reason == "length" and len(res.token_ids) == 24, res
+        assert res.text.startswith('{"answer": "') and '"' not in res.text[len('{"answer": "') :], res.text
+    schema = long_answer_schema(24)
+    assert schema["properties"]["answer"]["minLength"] > 24 * 81  # SmolLM2's longest token is 81 characters

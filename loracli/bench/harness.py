@@ -26,8 +26,9 @@ from ..config import EngineConfig
 from ..errors import ConfigError
 from .protocol import Job, Measurement
 from .report import BenchReport, Point, compare, summarize
-from .roofline import flops_per_token, probe
+from .roofline import flops_per_token, lora_params_per_layer, probe, run_flops
 from .system_names import SystemSpec, parse_systems
+from .systems.llama_cpp import llama_cpp_missing
 from .systems.vllm import vllm_missing
 from .workload import (
     BenchRequest,
@@ -48,7 +49,7 @@ from .workload import (
 )
 
 DEFAULT_SYSTEMS = "loracli,peft-mixed,base"
-MIX_SYSTEMS = ("loracli", "loracli-ray", "base")  # the systems that serve a workload of weighted mixes
+MIX_SYSTEMS = ("loracli", "loracli-ray", "base")  # the systems that serve weighted mixes and structured output
 DEFAULT_MAX_LORA_RANK = EngineConfig().max_lora_rank
 
 
@@ -296,35 +297,61 @@ def uses_dora(workload: Workload) -> bool:
     return folder is not None and any(read_adapter_config(Path(folder) / n).use_dora for n in workload.adapter_names)
 
 
-def token_flops(ctx: Context, workload: Workload) -> dict:
+def adapter_configs(workload: Workload) -> dict:
     from ..adapters import read_adapter_config
 
+    folder = workload.adapters_dir
+    return {n: read_adapter_config(Path(folder) / n) for n in workload.adapter_names} if folder else {}
+
+
+def lora_targets(ctx: Context, configs: dict) -> list[str]:
+    """The per-layer linears any adapter targets (embedding / lm_head LoRA are not in the per-layer count)."""
+    linear = set(ctx.spec.target_modules)
+    return sorted({t for c in configs.values() for t in c.target_modules if t in linear})
+
+
+def token_flops(ctx: Context, workload: Workload) -> dict:
+    """FLOPs of one generated (decode) token at the workload's mean context (`roofline.flops_per_token`)."""
     reqs = workload.requests
     mean_prompt = sum(r.prompt_len for r in reqs) / len(reqs)
     mean_out = sum(r.max_tokens for r in reqs) / len(reqs)
     with_adapter = [r for r in reqs if r.adapter is not None]
-    configs = (
-        {n: read_adapter_config(Path(workload.adapters_dir) / n) for n in workload.adapter_names}
-        if workload.adapters_dir
-        else {}
-    )
+    configs = adapter_configs(workload)
     ranks = [sum(configs[name].r for name in r.adapters) for r in with_adapter]  # a mix costs its parts' sum
     rank = sum(ranks) / len(ranks) if ranks else 0.0
-    linear = set(ctx.spec.target_modules)  # embedding / lm_head LoRA are not in the per-layer count
-    targets = sorted({t for c in configs.values() for t in c.target_modules if t in linear}) if configs else []
     return flops_per_token(
-        ctx.spec, mean_prompt + (mean_out + 1) / 2, rank, targets, len(with_adapter) / len(reqs)
+        ctx.spec, mean_prompt + (mean_out + 1) / 2, rank, lora_targets(ctx, configs), len(with_adapter) / len(reqs)
     ).to_dict()
+
+
+def workload_flops(ctx: Context, workload: Workload) -> dict:
+    """FLOPs of the whole workload, prefill and decode (`roofline.run_flops`); every request makes
+    `max_tokens` tokens (exact with ignore-eos, an upper bound without)."""
+    params = {  # each adapter's LoRA parameters per layer, on the linears it targets
+        name: lora_params_per_layer(ctx.spec, c.r, lora_targets(ctx, {name: c}))
+        for name, c in adapter_configs(workload).items()
+    }
+    requests = ((r.prompt_len, r.max_tokens, sum(params[n] for n in r.adapters)) for r in workload.requests)
+    return run_flops(ctx.spec, requests).to_dict()
 
 
 def run_point(ctx: Context, options: BenchOptions, workload: Workload, log) -> list:
     results = []
     for i, system in enumerate(ctx.systems, 1):
         requests: list[BenchRequest] = workload.requests
+        llama_cpp_problem = (
+            llama_cpp_missing(dict(system.settings), str(ctx.folder), bool(workload.adapter_names))
+            if system.kind == "llama-cpp"
+            else None
+        )
         if system.kind == "vllm" and vllm_missing():
             m = Measurement(system.name, skipped=vllm_missing())
+        elif llama_cpp_problem:
+            m = Measurement(system.name, skipped=llama_cpp_problem)
         elif system.kind not in MIX_SYSTEMS and any(r.mix for r in requests):
             m = Measurement(system.name, skipped="weighted adapter mixes are served by loracli only: skipped")
+        elif system.kind not in MIX_SYSTEMS and any(r.structure for r in requests):
+            m = Measurement(system.name, skipped="structured output is measured on loracli only: skipped")
         elif system.kind == "peft-mixed" and uses_dora(workload):
             m = Measurement(system.name, skipped="PEFT refuses DoRA adapters in a mixed batch (adapter_names): skipped")
         else:
@@ -384,7 +411,7 @@ def run_bench(options: BenchOptions, log=lambda message: None) -> BenchReport:
             workload = build_workload(ctx, options, specs, real, root, maker)
             results = run_point(ctx, options, workload, log)
             flops = token_flops(ctx, workload)
-            out_points.append(Point(label, value, workload.to_dict(), flops, results))
+            out_points.append(Point(label, value, workload.to_dict(), flops, results, workload_flops(ctx, workload)))
     finally:
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
@@ -408,7 +435,7 @@ def run_bench(options: BenchOptions, log=lambda message: None) -> BenchReport:
         out_points,
     )
     for point in report.points:
-        compare(point.systems, point.flops_per_token["total"], report.peak_flops)
+        compare(point.systems, point.flops_per_token["total"], report.peak_flops, point.run_flops)
     busy = busy_note(load_before, os.cpu_count() or 1)
     if busy:
         report.notes.append(busy)

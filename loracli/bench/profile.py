@@ -7,7 +7,9 @@ number under `torch.profiler` and splits the operators' self CPU time into bucke
 
     base matmul   aten::mm / addmm / linear (the shared base projections and the lm_head)
     lora          aten::bmm / baddbmm / addmm_ (the shrink/expand ops of `loracli.kernels`)
-    attention     SDPA, the KV gather of the paged cache (aten::index) and the KV write (index_copy_)
+    attention     every op inside decode attention's profiler range (`model.attention.DECODE_RANGE`:
+                  the paged attention op, or deterministic mode's gather, GEMMs and softmax), plus
+                  SDPA, aten::index and the KV write (index_copy_) wherever they run
     sampling      max / argmax / isfinite pieces on the logits
     other         everything else (norms, RoPE, SiLU, copies, Python-side tensor building)
 
@@ -44,7 +46,12 @@ BUCKETS = {
 COMPOSITES = ("aten::linear", "aten::matmul")
 
 
+IN_ATTENTION = "attention/"  # prefix of the ops that ran inside decode attention's range (`self_times`)
+
+
 def bucket_of(op: str) -> str:
+    if op.startswith(IN_ATTENTION):
+        return "attention"
     for name, ops in BUCKETS.items():
         if op in ops:
             return name
@@ -58,6 +65,21 @@ def split(self_us: dict[str, float]) -> dict[str, float]:
         totals[bucket_of(op)] += us
     whole = sum(totals.values()) or 1.0
     return {name: totals[name] / whole for name in (*BUCKETS, "other")}
+
+
+def self_times(events, attention_range: str) -> dict[str, float]:
+    """Profiler events (`name`, `self_cpu_time_total`, `cpu_parent`) -> op -> self microseconds, the
+    ops inside a range named `attention_range` (and the range itself) keyed `IN_ATTENTION` + name;
+    composites are left out."""
+    out: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.name in COMPOSITES:
+            continue
+        node, inside = e, False
+        while node is not None and not inside:
+            inside, node = node.name == attention_range, node.cpu_parent
+        out[(IN_ATTENTION if inside else "") + e.name] += e.self_cpu_time_total
+    return dict(out)
 
 
 def _requests(names: list[str | None], batch: int):
@@ -75,13 +97,21 @@ def _requests(names: list[str | None], batch: int):
 
 
 def profile_decode(
-    model: str | None, adapters: str | None, batch: int, steps: int, warmup: int, dtype: str, max_lora_rank: int
+    model: str | None,
+    adapters: str | None,
+    batch: int,
+    steps: int,
+    warmup: int,
+    dtype: str,
+    max_lora_rank: int,
+    deterministic: bool | None = None,
 ) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from ..config import EngineConfig
     from ..engine.engine import Engine
+    from ..model.attention import DECODE_RANGE
     from ..sampling import SamplingParams
     from .roofline import flops_per_token, matmul_rate
 
@@ -93,6 +123,7 @@ def profile_decode(
             max_num_seqs=batch,
             max_lora_rank=max_lora_rank,
             max_loras=8,
+            deterministic=deterministic,
         )
     )
     names: list[str | None] = list(engine.store.names()) or [None]
@@ -113,7 +144,7 @@ def profile_decode(
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             engine.step()
-    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages() if e.key not in COMPOSITES}
+    self_us = self_times(prof.events(), DECODE_RANGE)
     shares = split(self_us)
     base_us = sum(us for op, us in self_us.items() if bucket_of(op) == "base matmul") / steps
     spec = engine.spec
@@ -126,6 +157,7 @@ def profile_decode(
         "activation_ms": activation,
         "model": engine.model_name,
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "deterministic": engine.model.deterministic,
         "threads": torch.get_num_threads(),
         "batch": running,
         "adapters": [n for n in names if n],
@@ -175,7 +207,8 @@ def render(result: dict) -> None:
 
     console = Console()
     console.print(
-        f"{result['model']} {result['dtype']}, {result['threads']} threads, batch {result['batch']}, "
+        f"{result['model']} {result['dtype']}{', deterministic' if result['deterministic'] else ''}, "
+        f"{result['threads']} threads, batch {result['batch']}, "
         f"adapters {', '.join(result['adapters']) or 'none'}: decode step {result['step_ms']:.1f} ms "
         f"= {result['tokens_per_s']:.1f} tok/s"
     )
@@ -208,13 +241,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--deterministic", choices=("auto", "on", "off"), default="auto", help="EngineConfig.deterministic")
     p.add_argument("--json", default=None, help="also write the numbers here")
     a = p.parse_args(argv)
     import torch
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    result = profile_decode(a.model, a.adapters, a.batch, a.steps, a.warmup, a.dtype, a.max_lora_rank)
+    deterministic = {"auto": None, "on": True, "off": False}[a.deterministic]
+    result = profile_decode(a.model, a.adapters, a.batch, a.steps, a.warmup, a.dtype, a.max_lora_rank, deterministic)
     render(result)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -59,6 +59,7 @@ class Measurement:
     rss_delta_mib: float | None = None
     error: str | None = None
     skipped: str | None = None
+    cpu: dict = field(default_factory=dict)  # cpu_usage.cpu_usage over the timed run: other work, oversubscribed
 
     @classmethod
     def from_dict(cls, d: dict) -> Measurement:

@@ -8,8 +8,13 @@
   / wall time of the timed run; TTFT and end-to-end latency p50/p99 (linear-interpolated
   percentiles) in seconds from the start of the timed run (every request arrives at that start);
   per phase, tokens / (its last finish - the previous phases' last finish).
-- `compare(results)`: the ratios to `peft-mixed` and to `base` (tokens/s over tokens/s).
-- `render(report, console)`: the machine, the roofline and one table per workload point.
+- `compare(results, ...)`: the ratios to `peft-mixed` and to `base` (tokens/s over tokens/s), and the
+  arithmetic rate over the whole run (`run_flops_per_s`: the workload's prefill + decode FLOPs, `roofline.
+  run_flops`, over the timed wall seconds) as a fraction of the best probed matmul rate
+  (`run_matmul_fraction`, the table's "run % of matmul"); `decode_only_matmul_fraction` is the older,
+  decode-only figure (tokens/s x FLOPs per decode token; prefill not counted), kept in the JSON.
+- `render(report, console)`: the machine, the roofline and one table per workload point, with a line
+  for each system whose timed run was oversubscribed (`SystemResult.cpu`, from the worker).
 - `report.to_dict()`: every number; `plot(report, path)`: PNG (matplotlib, Agg): bars per system,
   or for a sweep tokens/s against the swept value, one line per system; `save` writes both.
 """
@@ -21,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..cpu_usage import oversubscribed_note
 from ..quantiles import percentile
 from .protocol import Measurement, Record
 from .workload import BenchRequest
@@ -77,8 +83,10 @@ class SystemResult:
     problems: list[str] = field(default_factory=list)
     vs_peft_mixed: float | None = None
     vs_base: float | None = None
-    achieved_flops_per_s: float | None = None
-    roofline_fraction: float | None = None
+    run_flops_per_s: float | None = None  # the run's FLOPs (prefill + decode) / wall_s
+    run_matmul_fraction: float | None = None  # run_flops_per_s / the best probed matmul rate
+    decode_only_matmul_fraction: float | None = None  # tokens/s x decode FLOPs per token / that rate (no prefill)
+    cpu: dict = field(default_factory=dict)  # the worker's cpu_usage over the timed run (protocol.Measurement.cpu)
 
 
 def phase_rates(records: Sequence[Record], requests: Sequence[BenchRequest]) -> list[dict]:
@@ -121,6 +129,7 @@ def summarize(m: Measurement, requests: Sequence[BenchRequest], ignore_eos: bool
         counters=m.counters,
         peak_rss_mib=m.peak_rss_mib,
         rss_delta_mib=m.rss_delta_mib,
+        cpu=m.cpu,
     )
     if m.skipped:
         return SystemResult(status="skipped", note=m.skipped, **base)
@@ -151,8 +160,15 @@ def summarize(m: Measurement, requests: Sequence[BenchRequest], ignore_eos: bool
     return result
 
 
-def compare(results: Sequence[SystemResult], flops_per_token: float | None, peak_flops: float | None) -> None:
-    """Fill in the ratios to peft-mixed and base, and the roofline fraction, in place."""
+def compare(
+    results: Sequence[SystemResult],
+    flops_per_token: float | None,
+    peak_flops: float | None,
+    run_flops: dict | None = None,
+) -> None:
+    """Fill in the ratios to peft-mixed and base, and the arithmetic rates and their fractions of the
+    matmul rate, in place. `run_flops` is `RunFlops.to_dict()` of the workload; `base` runs no LoRA
+    and is credited its FLOPs without the LoRA part."""
     rates = {r.name: r.tokens_per_s for r in results}
     for r in results:
         if r.tokens_per_s is None:
@@ -161,10 +177,13 @@ def compare(results: Sequence[SystemResult], flops_per_token: float | None, peak
             r.vs_peft_mixed = r.tokens_per_s / rates["peft-mixed"]
         if rates.get("base"):
             r.vs_base = r.tokens_per_s / rates["base"]
-        if flops_per_token:
-            r.achieved_flops_per_s = r.tokens_per_s * flops_per_token
+        if flops_per_token and peak_flops:
+            r.decode_only_matmul_fraction = r.tokens_per_s * flops_per_token / peak_flops
+        if run_flops and r.wall_s > 0:
+            total = run_flops["total"] - (run_flops["lora"] if r.name == "base" else 0.0)
+            r.run_flops_per_s = total / r.wall_s
             if peak_flops:
-                r.roofline_fraction = r.achieved_flops_per_s / peak_flops
+                r.run_matmul_fraction = r.run_flops_per_s / peak_flops
 
 
 @dataclass
@@ -174,8 +193,9 @@ class Point:
     label: str
     value: str | None
     workload: dict
-    flops_per_token: dict
+    flops_per_token: dict  # roofline.flops_per_token of the workload: one decode token, prefill not counted
     systems: list[SystemResult]
+    run_flops: dict = field(default_factory=dict)  # roofline.RunFlops of the workload: prefill and decode
 
 
 @dataclass
@@ -214,7 +234,9 @@ def _slots(r: SystemResult) -> str:
     if "slot_activations" in c:
         resizes = f", {c['slot_resizes']} resizes" if c.get("slot_resizes") else ""
         merges = f", {c['merges']} merges" if c.get("merges") else ""
-        return f"{c['slot_activations']} / {c['slot_evictions']}{resizes}{merges}"
+        cached = c.get("prefix_saved_tokens")
+        prefix = f", {cached / c['prefill_tokens']:.0%} of prefill tokens cached" if cached else ""
+        return f"{c['slot_activations']} / {c['slot_evictions']}{resizes}{merges}{prefix}"
     if "adapter_switches" in c:
         return f"{c['adapter_switches']} switches"
     return "—"
@@ -244,6 +266,14 @@ def roofline_lines(report: BenchReport) -> list[str]:
                 f"{f['dense'] / 1e6:.1f} + lm_head {f['lm_head'] / 1e6:.1f} + attention "
                 f"{f['attention'] / 1e6:.2f} at context {f['context']:.0f} + LoRA {f['lora'] / 1e6:.2f})"
             )
+        run = point.run_flops
+        if run:
+            lines.append(
+                f"{point.label or 'workload'}: {run['total'] / 1e9:.1f} GFLOP in the run = prefill "
+                f"{run['prefill'] / 1e9:.1f} ({run['prefill_tokens']} prompt tokens) + decode "
+                f"{run['decode'] / 1e9:.1f} ({run['decode_tokens']} decode-step tokens), LoRA "
+                f"{run['lora'] / 1e9:.2f} of it; run % of matmul = these FLOPs / run seconds / the best matmul rate"
+            )
     return lines
 
 
@@ -261,7 +291,7 @@ def table(point: Point, title: str):
         "latency p50/p99 s",
         "minority wait p99/max s",
         "peak RSS MiB (+Δ)",
-        "% of matmul",
+        "run % of matmul",
         "slots act/evict",
     ):
         t.add_column(col, justify="left" if col in ("system", "status") else "right")
@@ -277,7 +307,7 @@ def table(point: Point, title: str):
             _pair(r.latency_p50_s, r.latency_p99_s, "{:.1f}"),
             _pair(r.minority_wait_p99_s, r.minority_wait_max_s, "{:.1f}"),
             _memory(r),
-            _num(None if r.roofline_fraction is None else 100 * r.roofline_fraction, "{:.1f}%"),
+            _num(None if r.run_matmul_fraction is None else 100 * r.run_matmul_fraction, "{:.1f}%"),
             _slots(r),
         )
     return t
@@ -301,6 +331,9 @@ def render(report: BenchReport, console) -> None:
         for r in point.systems:
             if r.note:
                 console.print(f"{r.name}: {r.note}", highlight=False, soft_wrap=True, markup=False)
+            busy = oversubscribed_note(r.cpu)
+            if busy:
+                console.print(f"{r.name}: {busy.removeprefix('note: ')}", highlight=False, soft_wrap=True, markup=False)
             if len(r.phases) > 1:
                 rates = ", ".join(f"phase {p['phase']}: {_num(p['tokens_per_s'])} tok/s" for p in r.phases)
                 console.print(f"{r.name}: {rates}", highlight=False, soft_wrap=True)

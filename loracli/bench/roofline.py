@@ -14,15 +14,33 @@ batch) and M = 256 (a prefill chunk).
                 of requests that name an adapter
 
 where `context` is the mean number of positions attended (mean prompt length + (mean output + 1) / 2).
-Norms, RoPE, SiLU, softmax and sampling are left out (a few percent at most); prefill work is not
-counted, so the achieved rate below is a slight underestimate. The achieved FLOP/s of a system is
-tokens/s x `total`; its fraction of the roofline is that over the best probed matmul rate.
+This per-token figure leaves prefill out; it is kept for the report's breakdown.
+
+`request_flops(spec, prompt_len, output_len, lora_params)` / `run_flops(spec, requests)`: the FLOPs of
+a whole run, prefill included, summed exactly over the requests (P prompt tokens, O output tokens,
+`lora_params` the request's LoRA parameters per layer: `lora_params_per_layer`, a mix's parts summed):
+
+    prefill = P * (dense + lora) + lm_head + 4 * layers * heads * head_dim * P (P + 1) / 2
+              (every prompt token through every layer, each attending to itself and the tokens before it;
+              lm_head at the last prompt position only, which gives the first output token)
+    decode  = (O - 1) * (dense + lora + lm_head) + 4 * layers * heads * head_dim * ((O - 1) P + O (O - 1) / 2)
+              (decode step k = 1..O-1 feeds output token k at a context of P + k positions)
+
+with dense, lm_head and lora per token as above (lora without the adapter share: each request counts
+its own). Norms, RoPE, SiLU, softmax and sampling are left out (a few percent at most). A system's
+arithmetic rate over the run is `RunFlops.total` / its timed wall seconds, and its fraction of the
+roofline that over the best probed matmul rate; the `base` system runs no LoRA, so it is credited
+`total - lora`. These are the workload's FLOPs, the same for every system: work a system avoids
+(prompt blocks reused by prefix caching) is credited as done, so such a run's rate is an effective
+one and can exceed what its matmuls computed. O is the request's `max_tokens` (exact with
+ignore-eos, an upper bound without).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, astuple, dataclass
 
 from ..model.spec import ModelSpec
 
@@ -91,3 +109,43 @@ def flops_per_token(
         lora=2.0 * spec.num_layers * lora_params_per_layer(spec, lora_rank, targets) * adapter_share,
         context=context,
     )
+
+
+@dataclass(frozen=True)
+class RunFlops:
+    """The FLOPs of a whole run: every request's prefill and decode (see the module docstring)."""
+
+    prefill: float  # LoRA included
+    decode: float  # LoRA included
+    lora: float  # the LoRA part of prefill + decode
+    prefill_tokens: int  # prompt tokens through the model
+    decode_tokens: int  # tokens fed by decode steps (output tokens but each request's first)
+
+    @property
+    def total(self) -> float:
+        return self.prefill + self.decode
+
+    def __add__(self, other: RunFlops) -> RunFlops:
+        return RunFlops(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def request_flops(spec: ModelSpec, prompt_len: int, output_len: int, lora_params: float = 0.0) -> RunFlops:
+    """One request's prefill and decode FLOPs; `lora_params` = its LoRA parameters per layer."""
+    per_token = flops_per_token(spec, 0.0)  # dense and lm_head; attention depends on the position
+    attention = 4.0 * spec.num_layers * spec.num_heads * spec.head_dim  # per attended position
+    lora = 2.0 * spec.num_layers * lora_params
+    P, steps = prompt_len, max(0, output_len - 1)
+    prefill = P * (per_token.dense + lora) + per_token.lm_head + attention * P * (P + 1) / 2
+    decode = steps * (per_token.dense + lora + per_token.lm_head) + attention * (steps * P + steps * (steps + 1) / 2)
+    return RunFlops(prefill, decode, lora * (P + steps), P, steps)
+
+
+def run_flops(spec: ModelSpec, requests: Iterable[tuple[int, int, float]]) -> RunFlops:
+    """The sum of `request_flops` over (prompt_len, output_len, lora_params) triples."""
+    total = RunFlops(0.0, 0.0, 0.0, 0, 0)
+    for prompt_len, output_len, lora_params in requests:
+        total = total + request_flops(spec, prompt_len, output_len, lora_params)
+    return total

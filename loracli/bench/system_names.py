@@ -9,10 +9,15 @@ about one setting name its field (and carry it in `fields`). Nothing here uses t
 Kinds (what each one runs: `loracli.bench.systems`):
 
 - `loracli[:KEY=VALUE...]`: the engine; settings change `EngineConfig` fields
-  (`loracli:max-loras=4:gpu-memory-utilization=0.5`; KEY in dashes or underscores).
+  (`loracli:max-loras=4:gpu-memory-utilization=0.5`; KEY in dashes or underscores, or one of
+  `ALIASES`: `prefix-caching=false` sets `enable_prefix_caching`, as `run --no-prefix-caching` does).
 - `loracli-ray[:KEY=VALUE...]`: the same engines as `loracli run --ray` replicas on a local Ray
   instance; KEY is an `EngineConfig` field or one of `CLUSTER_FIELDS` (`workers=2`). Not in `all`:
   it needs Ray and starts a Ray instance, so it is asked for by name.
+- `llama-cpp[:KEY=VALUE...]`: llama.cpp's `llama-server` (`systems/llama_cpp.py`); KEY is one of
+  `LLAMA_CPP_SETTINGS`: `server` (the binary, else `llama-server` on PATH), `convert` (llama.cpp's
+  `convert_lora_to_gguf.py`), `convert-model` (its `convert_hf_to_gguf.py`), `model` (a GGUF of the
+  base model), `parallel` (server slots, default 64), all read as text but `parallel`.
 - `base`, `peft-mixed`, `peft-grouped`, `merged-swap`, `vllm`: no settings.
 
 A VALUE is read as the type of the field it sets (`setting_value`): integers, numbers, true/false
@@ -32,13 +37,15 @@ from ..config import EngineConfig
 from ..errors import ConfigError
 from ..sizes import parse_bytes
 
-KINDS = ("loracli", "peft-mixed", "peft-grouped", "merged-swap", "base", "vllm", "loracli-ray")
+KINDS = ("loracli", "peft-mixed", "peft-grouped", "merged-swap", "base", "vllm", "llama-cpp", "loracli-ray")
 ALL_KINDS = KINDS[:-1]  # `all`: every kind but loracli-ray
-SETTING_KINDS = ("loracli", "loracli-ray")  # the kinds that take KEY=VALUE settings
+SETTING_KINDS = ("loracli", "loracli-ray", "llama-cpp")  # the kinds that take KEY=VALUE settings
+LLAMA_CPP_SETTINGS = {"server": str, "convert": str, "convert_model": str, "model": str, "parallel": int}
 CLUSTER_FIELDS = ("workers", "worker_cpus", "worker_gpus", "routing", "ship_adapters")  # loracli-ray only
 FIXED_ENGINE_FIELDS = ("model", "adapters_dir", "dtype", "device")  # the same for every system
 BYTE_FIELDS = ("memory_budget", "kv_cache_memory")  # take sizes such as 512MiB
 NAMES_SEPARATOR = "+"  # between the names of a tuple-of-names setting
+ALIASES = {"prefix_caching": "enable_prefix_caching"}  # setting -> EngineConfig field, where `run`'s flag differs
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class SystemSpec:
     kind: str
     overrides: tuple[tuple[str, object], ...] = ()  # EngineConfig field -> value (loracli, loracli-ray)
     cluster: tuple[tuple[str, object], ...] = ()  # ClusterOptions field -> value (loracli-ray only)
+    settings: tuple[tuple[str, object], ...] = ()  # LLAMA_CPP_SETTINGS key -> value (llama-cpp only)
 
 
 def setting_name(field: str) -> str:
@@ -105,13 +113,16 @@ def parse_system(text: str) -> SystemSpec:
     if not rest:
         return SystemSpec(name, kind)
     if kind not in SETTING_KINDS:
-        raise ConfigError(f"--systems: only {' and '.join(SETTING_KINDS)} take settings, got {name!r}")
+        raise ConfigError(f"--systems: only {', '.join(SETTING_KINDS)} take settings, got {name!r}")
+    if kind == "llama-cpp":
+        return SystemSpec(name, kind, settings=llama_cpp_settings(rest))
     overrides, cluster = [], []
     for item in rest.split(":"):
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--systems: expected KEY=VALUE after '{kind}:', got {item!r}")
         field_name = key.strip().replace("-", "_")
+        field_name = ALIASES.get(field_name, field_name)
         if kind == "loracli-ray" and field_name in CLUSTER_FIELDS:
             cluster.append((field_name, setting_value(ClusterOptions, field_name, value)))
         elif field_name in engine_settings():
@@ -123,6 +134,26 @@ def parse_system(text: str) -> SystemSpec:
     if cluster:
         ClusterOptions(**dict(cluster))
     return SystemSpec(name, kind, tuple(overrides), tuple(cluster))
+
+
+def llama_cpp_settings(rest: str) -> tuple[tuple[str, object], ...]:
+    """`server=/x:parallel=8` -> (("server", "/x"), ("parallel", 8)); a ConfigError naming a bad setting."""
+    out = []
+    for item in rest.split(":"):
+        key, sep, value = item.partition("=")
+        name = key.strip().replace("-", "_")
+        if not sep or name not in LLAMA_CPP_SETTINGS:
+            known = ", ".join(map(setting_name, LLAMA_CPP_SETTINGS))
+            raise ConfigError(f"--systems: llama-cpp takes KEY=VALUE with KEY one of {known}, got {item!r}")
+        if LLAMA_CPP_SETTINGS[name] is int:
+            if not value.strip().isdigit() or int(value) < 1:
+                raise ConfigError(f"--systems: llama-cpp {setting_name(name)} must be an integer >= 1, got {value!r}")
+            out.append((name, int(value)))
+        elif not value.strip():
+            raise ConfigError(f"--systems: llama-cpp {setting_name(name)} needs a path, got nothing")
+        else:
+            out.append((name, value.strip()))
+    return tuple(out)
 
 
 def parse_systems(text: str) -> list[SystemSpec]:

@@ -8,6 +8,9 @@ after the imports, before any model was loaded: the memory the system itself nee
 `loracli-ray`, plus the Ray workers' peaks: they are the system's memory too). In-process
 (`measure(job, isolated=False)`, for tests) both are None. A system that raises is reported with
 `error` (a missing vllm with `skipped`), never as a crash of the benchmark. Progress goes to stderr.
+`cpu` is `loracli.cpu_usage` over the timed run (the job's thread count as the compute threads): how
+much other work shared the CPUs and whether that oversubscribed them. A system that runs in other
+processes (`loracli-ray`, `llama-cpp`) has its own work counted as other work there.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import traceback
 import warnings
 from dataclasses import asdict
 
+from ..cpu_usage import cpu_sample, cpu_usage
 from .protocol import Job, Measurement
 from .system_names import parse_system
 from .systems import build_system
@@ -62,7 +66,9 @@ def measure(job: Job, isolated: bool = False) -> Measurement:
         t = time.perf_counter()
         system.run(warmup_requests(job.requests, job.warmup))
         m.warmup_seconds = time.perf_counter() - t
+        start = cpu_sample()
         timed = system.run(job.requests)
+        m.cpu = cpu_usage(start, cpu_sample(), job.threads)
         m.records, m.wall, m.counters = timed.records, timed.wall, timed.counters
     except ImportError as e:
         if parse_system(job.system).kind != "vllm":

@@ -31,6 +31,14 @@ Synthetic workloads (`WorkloadSpec`):
   request. A synthetic prompt is made of whole-word vocabulary tokens (`PromptMaker`) so that it
   tokenizes to exactly its drawn length, special tokens included, as the engine counts it.
 - `ignore_eos` (default on): every request must produce exactly its `max_tokens` tokens.
+- `shared_prefix` N (default 0): every prompt of the phase starts with the same N-token text (a
+  system prompt, made like a prompt from its own stream), then its own `prompt_len` tail; the
+  prefix-caching workload (`--phases shared-prefix=400`).
+- `structured` (default `none`): `json` gives every request a JSON schema (`LONG_ANSWER_SCHEMA`: one
+  string property whose `minLength` is longer than any answer of `max_tokens` tokens can be), so
+  every token is sampled under a grammar mask and every request still runs to its `max_tokens`
+  (a grammar that could end would end answers early). Only loracli serves it: other systems are
+  skipped. `--sweep set=structured:none,structured:json` gives the cost of structured output.
 
 Each of assignment, prompt lengths, output lengths and prompt words draws from its own seeded
 stream (`seed`, phase index, purpose), so changing one knob leaves the others' draws unchanged.
@@ -61,6 +69,8 @@ from .adapter_kinds import KINDS, kind_config, kind_targets, kind_tensors
 B_STD = 0.01
 NAMED_DISTRIBUTIONS = ("distinct", "uniform", "skewed", "identical", "round-robin")
 SKEWED_ALPHA = 1.5
+STRUCTURED = ("none", "json")  # workload setting `structured`: no structure, or `long_answer_schema`
+MAX_CHARS_PER_TOKEN = 256  # above any token's text in the tokenizers loracli meets (SmolLM2's longest: 81)
 MAX_PROMPT_TRIES = 4
 
 
@@ -161,8 +171,10 @@ class WorkloadSpec:
     distribution: Distribution = Distribution("zipf", SKEWED_ALPHA)
     prompts: int = 64
     prompt_len: tuple[int, int] = (20, 59)
+    shared_prefix: int = 0
     output_len: tuple[int, int] = (32, 32)
     ignore_eos: bool = True
+    structured: str = "none"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -170,6 +182,8 @@ class WorkloadSpec:
             raise ConfigError(f"--adapters must be >= 0, got {self.adapters}")
         if self.prompts < 1:
             raise ConfigError(f"--prompts must be positive, got {self.prompts}")
+        if self.structured not in STRUCTURED:
+            raise ConfigError(f"structured must be one of {', '.join(STRUCTURED)}, got {self.structured!r}")
 
     @property
     def num_adapters(self) -> int:
@@ -199,8 +213,10 @@ class WorkloadSpec:
             "targets": parse_targets,
             "kinds": parse_kinds,
             "mix": lambda v: _int(v, "mix"),
+            "structured": str,
             "distribution": parse_distribution,
             "prompt_len": lambda v: parse_range(v, "prompt-len"),
+            "shared_prefix": lambda v: _int(v, "shared-prefix", minimum=0),
             "output_len": lambda v: parse_range(v, "output-len"),
             "seed": lambda v: _int(v, "seed", minimum=0),
         }
@@ -214,10 +230,13 @@ class WorkloadSpec:
         targets = "all" if self.targets == TARGET_MODULES else ",".join(self.targets)
         kinds = "" if self.kinds == ("lora",) else f", {'/'.join(self.kinds)}"
         kinds += f", mixes of {self.mix}" if self.mix > 1 else ""
+        kinds += f", {self.structured} schema on every request" if self.structured != "none" else ""
         return (
             f"{self.num_adapters} adapters (rank {ranks}, {targets}{kinds}), {self.distribution}, "
             f"{self.prompts} prompts, "
-            f"prompt {format_range(self.prompt_len)} tok, output {format_range(self.output_len)} tok"
+            f"prompt {format_range(self.prompt_len)} tok"
+            + (f" after a shared {self.shared_prefix}-tok prefix" if self.shared_prefix else "")
+            + f", output {format_range(self.output_len)} tok"
             + (", ignore-eos" if self.ignore_eos else "")
         )
 
@@ -326,6 +345,7 @@ class BenchRequest:
     phase: int = 0
     prompt_len: int = 0
     mix: list[list] | None = None  # [[adapter, weight], ...] when `adapter` names a weighted mix
+    structure: dict | None = None  # a structured-output field of the request ({"json_schema": ...}), or None
 
     @property
     def adapters(self) -> list[str]:
@@ -365,6 +385,7 @@ class Workload:
             "mean_prompt_len": sum(lens) / len(lens),
             "mean_output_len": sum(outs) / len(outs),
             "adapter_counts": adapter_counts(self.requests),
+            "structured_requests": sum(r.structure is not None for r in self.requests),
         }
 
 
@@ -427,8 +448,12 @@ def synthetic_requests(
         prompt_lens = draw_lengths(spec.prompt_len, n, stream(spec.seed, phase, "prompt_len"))
         output_lens = draw_lengths(spec.output_len, n, stream(spec.seed, phase, "output_len"))
         words = stream(spec.seed, phase, "words")
+        prefix = shared_prefix_text(spec, phase, maker)
         for i in range(n):
             text, length = maker.make(prompt_lens[i], words)
+            if prefix:
+                text = prefix + text
+                length = maker.count(text)
             index = adapters[i]
             name = None if index is None else names[index] if names is not None else adapter_name(index, spec.kinds)
             mix = None
@@ -439,10 +464,42 @@ def synthetic_requests(
                 name = "+".join(f"{n}*{w!r}" for n, w in mix)
             out.append(
                 BenchRequest(
-                    f"p{phase}-{i}", name, output_lens[i], prompt=text, phase=phase, prompt_len=length, mix=mix
+                    f"p{phase}-{i}",
+                    name,
+                    output_lens[i],
+                    prompt=text,
+                    phase=phase,
+                    prompt_len=length,
+                    mix=mix,
+                    structure=structure_field(spec.structured, output_lens[i]),
                 )
             )
     return out
+
+
+def structure_field(kind: str, max_tokens: int) -> dict | None:
+    """The structured-output field a request of workload setting `structured=kind` carries."""
+    if kind == "none":
+        return None
+    return {"json_schema": long_answer_schema(max_tokens)}
+
+
+def long_answer_schema(max_tokens: int) -> dict:
+    """A JSON object with one string property too long to finish in `max_tokens` tokens (no token is
+    `MAX_CHARS_PER_TOKEN` characters long), so the grammar masks every token and never ends an answer."""
+    return {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "minLength": MAX_CHARS_PER_TOKEN * max_tokens}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+
+
+def shared_prefix_text(spec: WorkloadSpec, phase: int, maker: PromptMaker) -> str:
+    """The text every prompt of the phase starts with: `spec.shared_prefix` tokens, or none."""
+    if not spec.shared_prefix:
+        return ""
+    return maker.make(spec.shared_prefix, stream(spec.seed, phase, "shared_prefix"))[0]
 
 
 def file_requests(

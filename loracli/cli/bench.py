@@ -30,7 +30,11 @@ def bench_command(
         typer.Option(help="One workload setting over values: adapters=1,2,4,8 (several: set=kinds:lora,mix:2)"),
     ] = None,
     systems: Annotated[
-        str, typer.Option(help="loracli[:KEY=VALUE...], base, peft-mixed, peft-grouped, merged-swap, vllm, or all")
+        str,
+        typer.Option(
+            help="loracli[:KEY=VALUE...], base, peft-mixed, peft-grouped, merged-swap, vllm, "
+            "llama-cpp[:server=PATH:convert=PATH...], or all"
+        ),
     ] = "loracli,peft-mixed,base",
     baseline_batch: Annotated[int, typer.Option(help="Static batch size of the transformers systems")] = 32,
     dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16|float16, the same for every system")] = "auto",

@@ -22,6 +22,7 @@ FLAGS: dict[str, str] = {
     "max_loras": "--max-loras",
     "max_lora_rank": "--max-lora-rank",
     "max_cpu_loras": "--max-cpu-loras",
+    "adapter_load_workers": "--adapter-load-workers",
     "max_num_seqs": "--max-num-seqs",
     "max_batched_tokens": "--max-batched-tokens",
     "max_model_len": "--max-model-len",
@@ -38,6 +39,7 @@ FLAGS: dict[str, str] = {
     "verify_slots": "--verify-slots",
     "merge_policy": "--merge-policy",
     "deterministic": "--deterministic",
+    "enable_prefix_caching": "--prefix-caching",
     # loracli.sampling.SamplingParams: the defaults of `run` (`seed` above: the run's seed)
     "max_tokens": "--max-tokens",
     "temperature": "--temperature",
@@ -65,6 +67,7 @@ FLAGS: dict[str, str] = {
     "errors_path": "--errors",
     "overwrite": "--overwrite",
     "strict": "--strict",
+    "checkpoint_seconds": "--checkpoint-seconds",
     # loracli.bench.BenchOptions (`bench`; model, dtype, device, seed, ignore_eos above)
     "adapters": "--adapters",
     "ranks": "--ranks",

@@ -54,13 +54,21 @@ def run_command(
     input: Annotated[
         str,
         typer.Argument(
-            help="Prompts: JSONL (native or OpenAI Batch form; .gz; - for stdin) or a .parquet/.csv/.tsv/.arrow table"
+            help="Prompts: JSONL (native or OpenAI Batch form; .gz; - for stdin) or a .parquet/.csv/.tsv/.arrow table; "
+            "a path or a URL (s3://, hf://datasets/...)"
         ),
     ],
     # --- input and output
     output: Annotated[
-        str, typer.Option("-o", "--output", help="Results JSONL; - for stdout", rich_help_panel=IO)
+        str,
+        typer.Option(
+            "-o", "--output", help="Results JSONL or .parquet, a path or a URL; - for stdout", rich_help_panel=IO
+        ),
     ] = "-",
+    checkpoint_seconds: Annotated[
+        float,
+        typer.Option(help="Parquet or URL output: publish finished results at least this often", rich_help_panel=IO),
+    ] = 60.0,
     errors: Annotated[
         str | None, typer.Option(help="Write failed records here, not to the output", rich_help_panel=IO)
     ] = None,
@@ -96,6 +104,14 @@ def run_command(
             rich_help_panel=MODEL,
         ),
     ] = None,
+    prefix_caching: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-caching/--no-prefix-caching",
+            help="Reuse the KV cache of a prompt prefix already computed for the same adapter (outputs unchanged)",
+            rich_help_panel=MODEL,
+        ),
+    ] = True,
     allow_pickle: Annotated[
         bool, typer.Option(help="Allow pickle (.bin) weights: only for trusted files", rich_help_panel=MODEL)
     ] = False,
@@ -146,7 +162,12 @@ def run_command(
     ] = False,
     # --- adapters and slots
     adapters: Annotated[
-        str | None, typer.Option(help="Folder with one PEFT adapter per sub-folder", rich_help_panel=SLOTS)
+        str | None,
+        typer.Option(
+            help="Folder with one PEFT adapter per sub-folder, a folder URL (s3://..., hf://org/repo), "
+            "or a manifest (.json/.yaml) of names -> paths, URLs, Hub repos",
+            rich_help_panel=SLOTS,
+        ),
     ] = None,
     max_loras: Annotated[int, typer.Option(help="Adapter slots on the device", rich_help_panel=SLOTS)] = 8,
     max_lora_rank: Annotated[
@@ -155,6 +176,13 @@ def run_command(
     max_cpu_loras: Annotated[
         int | None, typer.Option(help="Adapters kept in the CPU cache", rich_help_panel=SLOTS)
     ] = None,
+    adapter_load_workers: Annotated[
+        int,
+        typer.Option(
+            help="Threads reading queued requests' adapters ahead of their turn; 0 = read in the step",
+            rich_help_panel=SLOTS,
+        ),
+    ] = 2,
     min_loras: Annotated[
         int | None, typer.Option(help="Fewest adapter slots (default: --max-loras)", rich_help_panel=SLOTS)
     ] = None,
@@ -241,6 +269,7 @@ def run_command(
 
     from ..cluster.options import ClusterOptions
     from ..config import EngineConfig
+    from ..cpu_usage import oversubscribed_note
     from ..job import JobOptions, run_job, stop_message, summary_line, worker_lines
     from ..requests import FieldMap
     from ..sampling import SamplingParams
@@ -258,6 +287,7 @@ def run_command(
         max_loras=max_loras,
         max_lora_rank=max_lora_rank,
         max_cpu_loras=max_cpu_loras,
+        adapter_load_workers=adapter_load_workers,
         max_num_seqs=max_num_seqs,
         max_batched_tokens=max_batched_tokens,
         max_model_len=max_model_len,
@@ -274,6 +304,7 @@ def run_command(
         merge_policy=merge_policy,
         starvation_steps=starvation_steps,
         deterministic=deterministic,
+        enable_prefix_caching=prefix_caching,
     )
     defaults = SamplingParams(  # refuses what a record may not set either (loracli/sampling.py)
         max_tokens=max_tokens,
@@ -298,6 +329,7 @@ def run_command(
         fields=FieldMap(prompt_field, adapter_field, id_field),
         command=sys.argv[1:],
         exit_after_stop=True,
+        checkpoint_seconds=checkpoint_seconds,
     )
     if ray is not None:
         options.cluster = ClusterOptions(
@@ -316,6 +348,9 @@ def run_command(
         err.print(message, highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(exit_status(summary.interrupted))
     err.print(summary_line(summary, output), highlight=False, soft_wrap=True, markup=False)
+    busy = oversubscribed_note(summary.cpu)
+    if busy:
+        err.print(busy, highlight=False, soft_wrap=True, markup=False)
     if summary.cluster:
         err.print(worker_lines(summary.cluster), highlight=False, soft_wrap=True, markup=False)
     if summary.any_failed:

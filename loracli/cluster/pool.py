@@ -11,7 +11,8 @@ Contract:
   it connects to that cluster (`auto`, `host:port`, `ray://host:10001`) and checks the cluster
   has the CPUs/GPUs the workers ask for in total (if others use them, the workers wait for room).
 - Each worker (`worker.EngineWorker`) loads the base model once and reads adapters from the
-  adapters folder, resolved to an absolute path that every node must see.
+  adapters folder or manifest, resolved to an absolute path that every node must see (a URL
+  `adapters_dir` is passed as given: each worker fetches through its own cache).
 - Requests are routed (`routing.py`: adapter affinity, or round-robin) in chunks: a worker gets
   more whenever its call returns, up to `1.25 * max_num_seqs` in flight, so its batch stays full
   while the backlog stays with the router. The driver reads the input ahead while fewer than
@@ -20,9 +21,10 @@ Contract:
   run on the others. Results already returned were written; a result is yielded once per id.
   If every worker dies the run stops with an error (finished results are kept: rerun resumes),
   unless it was stopping anyway (Ctrl-C): then it ends as an interrupted run.
-- `ship_adapters` (`--ship-adapters`): workers read no shared adapters folder; the driver ships
-  each adapter's files through the object store to each worker that needs it, once
-  (`shipping.py`). The model path must still resolve on every node (or be `default`).
+- `ship_adapters` (`--ship-adapters`; a local adapters folder only, a URL or manifest is refused):
+  workers read no shared adapters folder; the driver ships each adapter's files through the object
+  store to each worker that needs it, once (`shipping.py`).
+  The model path must still resolve on every node (or be `default`).
 - Bytes moved are measured: requests sent and results received (pickled sizes), adapter bytes
   each worker read from disk, adapter bytes shipped to each worker.
 """
@@ -37,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from ..adapter_sources.urls import is_url, kind_of, local_path, redact
 from ..config import EngineConfig
 from ..errors import ConfigError, InputError, LoracliError
 from ..requests import Request, RequestId
@@ -65,7 +68,9 @@ def _absolute(config: EngineConfig) -> EngineConfig:
     model = config.model
     if model not in (None, "default") and Path(model).exists():
         model = str(Path(model).resolve())
-    adapters = str(Path(config.adapters_dir).resolve()) if config.adapters_dir else None
+    adapters = config.adapters_dir
+    if adapters and not is_url(adapters):  # a folder or manifest path; URLs stay as given
+        adapters = str(Path(local_path(adapters)).resolve())
     return replace(config, model=model, adapters_dir=adapters)
 
 
@@ -130,7 +135,14 @@ class RayPool:
     def _shipped_folder(self) -> Path | None:
         if not (self.options.ship_adapters and self.config.adapters_dir):
             return None
-        folder = Path(self.config.adapters_dir).resolve()
+        if kind_of(self.config.adapters_dir) != "folder":
+            raise ConfigError(
+                f"adapters_dir: ship_adapters sends a local folder's adapters to the workers; "
+                f"{redact(self.config.adapters_dir)} is a URL or a manifest, which each worker reads itself "
+                "(through its own cache): leave ship_adapters off",
+                fields=("adapters_dir", "ship_adapters"),
+            )
+        folder = Path(local_path(self.config.adapters_dir)).resolve()
         if not folder.is_dir():
             raise ConfigError(f"adapters_dir: {folder} is not a folder", fields=("adapters_dir",))
         return folder

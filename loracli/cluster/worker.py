@@ -81,7 +81,7 @@ class EngineWorker:
             "device": e.device_name,
             "dtype": e.dtype_name,
             "max_model_len": e.max_model_len,
-            "adapters_folder": str(e.store.folder) if e.store.folder else None,
+            "adapters_folder": e.store.catalog.where or None,
         }
 
     def preflight_many(self, reqs: list[Request], defaults: SamplingParams | None = None) -> list[Failure | None]:
@@ -106,7 +106,7 @@ class EngineWorker:
             elapsed = time.perf_counter() - t0
             if (out and elapsed >= min_seconds) or elapsed >= max_seconds:
                 break
-        holds = sorted(set(e.slots.resident()) | set(e.store.cache))
+        holds = sorted(set(e.slots.resident()) | e.store.cached_names())
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return Reply([self._shown(r) for r in out], e.counters(), holds, e.residency(), dropped, peak)
 
@@ -121,5 +121,6 @@ class EngineWorker:
         return self.engine.reports()
 
     def close(self) -> None:
+        self.engine.close()
         if self.inbox is not None:
             self.inbox.close()

@@ -16,6 +16,11 @@ compile, or no grammar engine installed, is that request's error) and its gramma
 logits before sampling (`structured.py`); logprobs and prompt logprobs are taken for the requests
 that ask (`logprobs.py`) and handed back in the `Result`.
 
+Adapters are loaded in the background (`adapter_loader.py`, `adapter_load_workers` threads): each
+step first starts loads for the adapters its waiting requests name, and the scheduler skips the
+requests of an adapter still loading while the others run; a step with nothing else to do waits
+for a load. With `adapter_load_workers=0` an adapter is read inside the step that admits it.
+
 A request for n > 1 samples is n sequences (a `SampleGroup`): its prompt is prefilled once and
 its KV blocks shared (see scheduler.py); sample i draws with its own generator seeded seed + i
 (wrapping at 2**64; without a seed, the run's derived seed + i), so with temperature 0 the n
@@ -33,6 +38,8 @@ from dataclasses import fields, replace
 
 import torch
 
+from ..adapter_loader import AdapterLoader
+from ..adapter_sources import Catalog, open_catalog
 from ..adapter_store import AdapterStore, refuse_base_names, vocab_costs
 from ..config import EngineConfig
 from ..devices import deterministic_default, dtype_name, is_out_of_memory, resolve_device, resolve_dtype
@@ -44,7 +51,7 @@ from ..quantiles import percentile
 from ..requests import AdapterMix, Request, RequestId
 from ..results import Choice, Counters, Failure, Result, TokenLogprob, input_error_result
 from ..sampling import SEED_RANGE, SamplingParams, conflict
-from .block_manager import BlockManager
+from .block_manager import BlockManager, prefix_identity
 from .logprobs import TokenText, capture, prompt_entries, record
 from .memory_budget import MemoryBudget, working_bytes
 from .merge_policy import MergePolicy
@@ -82,7 +89,9 @@ class Engine:
         hf_config, self.spec = load_config(folder)
         self.tokenizer = load_tokenizer(folder)
         self.model_name = default_model_name() if config.model in (None, "default") else folder.name
-        refuse_base_names(config.adapters_dir, self.base_names)
+        self.catalog = open_catalog(config.adapters_dir)  # names and sources; remote ones fetched when loaded
+        refuse_base_names(self.catalog, self.base_names)
+        self.pins = all_pins(config, self.catalog)
         self.max_model_len = config.max_model_len or self.spec.max_position
         if self.max_model_len > self.spec.max_position:
             raise ConfigError(
@@ -106,18 +115,22 @@ class Engine:
         budget = self._memory_budget()
         num_blocks = self._kv_blocks(budget, slots)
         self.model.allocate_kv(num_blocks * config.block_size)
-        self.blocks = BlockManager(num_blocks, config.block_size)
-        self.slots = SlotManager(slots, pinned=frozenset(config.pinned))
+        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=config.enable_prefix_caching)
+        self.slots = SlotManager(slots, pinned=frozenset(self.pins))
         self.store = AdapterStore(
-            config.adapters_dir,
+            self.catalog,
             self.spec,
             max_cpu_loras=config.max_cpu_loras,
             max_lora_rank=config.max_lora_rank,
             allow_pickle=config.allow_pickle,
             dtype=self.dtype,
         )
-        self.scheduler = Scheduler(config, self.blocks, self.slots, self._ensure_adapter)
+        self.loader = AdapterLoader(self.store, config.adapter_load_workers)
+        self.scheduler = Scheduler(
+            config, self.blocks, self.slots, self._ensure_adapter, lambda name: not self.loader.is_loading(name)
+        )
         self.model_runner = ModelRunner(self.model, self.blocks)
+        self.scheduler.cache_identity = self._prefix_identity
         policy = SlotPolicy(
             config.min_loras,
             config.max_loras,
@@ -133,11 +146,11 @@ class Engine:
             self.model,
             min_loras=config.min_loras,
             max_loras=config.max_loras,
-            weights_of=lambda name: self.store.get(name, count_hit=False),
+            weights_of=lambda name: self.loader.get(name, count_hit=False),
             verify=config.verify_slots,
         )
         self.merger = Merger(MergePolicy(config.merge_policy, credit_steps=config.starvation_steps), self.model_runner)
-        self._pin(config.pinned)
+        self._pin(self.pins)
         self.generators: dict[int, torch.Generator] = {}
         self.counts = Counters()  # this engine's own counters; `counters()` adds the parts'
         self.swap_seconds: list[float] = []  # time to write each adapter activated by a step into its slot
@@ -173,7 +186,7 @@ class Engine:
             working_bytes(self.spec, cfg.max_batched_tokens, cfg.max_num_seqs, elem),
             self.model.slot_bytes(),
             self.model.kv_bytes_per_row() * cfg.block_size,
-            vocab_costs(cfg.adapters_dir, elem, cfg.allow_pickle, self.spec.tie_embeddings),
+            vocab_costs(self.catalog, elem, cfg.allow_pickle, self.spec.tie_embeddings),
         )
 
     def _kv_blocks(self, budget: MemoryBudget | None, slots: int) -> int:
@@ -229,15 +242,23 @@ class Engine:
         return dtype_name(self.dtype)
 
     def counters(self) -> Counters:
-        store, slots = self.store.stats, self.slots.stats
+        store, slots, loads = self.store.stats, self.slots.stats, self.loader.snapshot()
         return replace(
             self.counts,
             preemptions=self.scheduler.preemptions,
             disk_loads=store.disk_loads,
             disk_bytes=store.disk_bytes,
             cpu_hits=store.cpu_hits,
+            background_loads=loads.background_loads,
+            load_wait_seconds=loads.wait_seconds,
+            load_hidden_seconds=loads.hidden_seconds,
+            load_wait_steps=loads.wait_steps,
             slot_activations=slots.activations,
             slot_evictions=slots.evictions,
+            prefill_tokens=self.blocks.stats.prefill_tokens,
+            prefix_lookup_blocks=self.blocks.stats.lookup_blocks,
+            prefix_hit_blocks=self.blocks.stats.hit_blocks,
+            prefix_saved_tokens=self.blocks.stats.hit_tokens,
             per_adapter=dict(self.counts.per_adapter),
         )
 
@@ -246,13 +267,17 @@ class Engine:
         return {"slots": {**self.resizer.report(), **self._tier_report()}, "merges": self.merger.report()}
 
     def _tier_report(self) -> dict:
-        store, slots = self.store.stats, self.slots.stats
+        store, slots, loads = self.store.stats, self.slots.stats, self.loader.snapshot()
         writes_ms = [1e3 * s for s in self.swap_seconds]
         p50, p99 = percentile(writes_ms, 50), percentile(writes_ms, 99)
         return {
             "disk_loads": store.disk_loads,
             "cpu_hits": store.cpu_hits,
             "cpu_evictions": store.cpu_evictions,
+            "background_loads": loads.background_loads,
+            "load_wait_seconds": round(loads.wait_seconds, 3),
+            "load_hidden_seconds": round(loads.hidden_seconds, 3),
+            "load_wait_steps": loads.wait_steps,
             "slot_activations": slots.activations,
             "slot_hits": slots.hits,
             "slot_evictions": slots.evictions,
@@ -266,7 +291,8 @@ class Engine:
         return f"{len(self.slots.resident())}/{self.slots.n_slots}"
 
     def close(self) -> None:
-        """Nothing to release: a local engine's memory goes with the object."""
+        """Stop the adapter loader (at once: loads not started are cancelled); memory goes with the object."""
+        self.loader.close()
 
     # --- requests in -------------------------------------------------------------------------------
 
@@ -361,7 +387,7 @@ class Engine:
                 known = ", ".join(self.store.names()) or "none"
                 return Failure("unknown_adapter", f"unknown adapter {name!r} in the mix (known: {known})", "adapter")
             try:
-                weights = self.store.get(name)
+                weights = self.loader.get(name)
             except AdapterError as e:
                 return Failure("adapter_error", str(e), "adapter")
             extra = [part for part in NOT_PLAIN_LORA if getattr(weights, part, None)]
@@ -428,13 +454,20 @@ class Engine:
         self._forget(list(self.scheduler.waiting))
         self.scheduler.waiting.clear()
         for seq in list(self.scheduler.running):
+            self.blocks.forget(seq)  # a step may have stopped before writing its KV: out of the prefix cache
             self.scheduler.finish(seq)
             self._forget([seq])
         self._apply(self.merger.settle(self.scheduler.step_no))
 
+    def _prefix_identity(self, seq: Sequence) -> tuple | None:
+        """A sequence's prefix-cache identity now (`block_manager.prefix_identity`): the merged
+        adapter and, for a longrope model, whether its length takes the long RoPE table."""
+        switch = self.model.rope.switch
+        return prefix_identity(seq, self.model_runner.merged, switch is not None and len(seq) > switch)
+
     def _ensure_adapter(self, name: str) -> str | None:
         try:
-            self.store.get(name)
+            self.loader.get(name)
         except AdapterError as e:
             return str(e)
         return None
@@ -447,13 +480,16 @@ class Engine:
     def step(self) -> list[Result]:
         """One engine step: controllers -> schedule -> run -> postprocess. Returns the requests it finished."""
         self._between_steps()
+        self._prefetch()
         batch = self.scheduler.schedule()
         out = _some(self._fail_seq(seq, Failure("adapter_error", reason, "adapter")) for seq, reason in batch.failed)
         for slot, name in batch.activations:
             t0 = time.perf_counter()
-            self.model_runner.write_adapter(slot, self.store.get(name, count_hit=False))
+            self.model_runner.write_adapter(slot, self.loader.get(name, count_hit=False))
             self.swap_seconds.append(time.perf_counter() - t0)
         if not batch.seqs:
+            if not batch.failed and self.scheduler.waiting:
+                self.loader.wait_any()  # only requests of adapters still loading are left
             return out
         seqs = sorted(batch.seqs, key=self.model_runner.slot_of)
         t0 = time.perf_counter()
@@ -479,6 +515,17 @@ class Engine:
         sched.reserve_blocks = self.resizer.between_steps(step, demand, sched.running, sched.kv_blocked)
         self._apply(self.merger.between_steps(step, sched.waiting, sched.running, self.slots.lookup))
 
+    def _prefetch(self) -> None:
+        """Start background loads for the adapters waiting requests name (not in a slot), in arrival
+        order; the adapters of waiting and running requests are the store's last to evict."""
+        if not self.loader.workers:
+            return
+        sched = self.scheduler
+        wanted = dict.fromkeys(n for s in sched.waiting for n in s.adapters if self.slots.lookup(n) is None)
+        needed = set(wanted).union(*(s.adapters for s in sched.running))
+        self.store.protected = frozenset(needed)
+        self.loader.prefetch(wanted, needed)
+
     def _apply(self, orders: MergeOrders) -> None:
         self.scheduler.only_adapter = orders.only_adapter
         self.slots.set_held(orders.held)
@@ -493,6 +540,7 @@ class Engine:
         if any(bad):
             for seq, is_bad in zip(seqs, bad, strict=True):
                 if is_bad and seq.status is Status.RUNNING:  # not dropped with a failed sibling
+                    self.blocks.forget(seq)  # its KV may be non-finite too: never share it
                     self.scheduler.finish(seq)
                     out += _some([self._fail_seq(seq, Failure("engine_error", "non-finite logits"))])
             keep = [i for i, seq in enumerate(seqs) if seq.status is Status.RUNNING]  # not failed nor dropped
@@ -547,6 +595,7 @@ class Engine:
         self.counts.oom_backoffs += 1
         if len(batch.seqs) == 1:
             seq = batch.seqs[0]
+            self.blocks.forget(seq)  # its KV may be unwritten: out of the prefix cache
             self.scheduler.finish(seq)
             return _some([self._fail_seq(seq, Failure("out_of_memory", f"out of device memory even alone: {error}"))])
         self.scheduler.back_off(batch)
@@ -670,7 +719,7 @@ class Engine:
         for part in seq.adapters:
             slot, _, write = self.slots.place(part, self.scheduler.step_no, frozenset(seq.adapters))
             if write:
-                self.model_runner.write_adapter(slot, self.store.get(part))
+                self.model_runner.write_adapter(slot, self.loader.get(part))
             slots.append(slot)
         if slots:
             seq.slot = slots[0]
@@ -708,6 +757,19 @@ class Engine:
                     return
                 continue
             yield from self.step()
+
+
+def all_pins(config: EngineConfig, catalog: Catalog) -> tuple[str, ...]:
+    """The `pinned` config field's adapters, then those the manifest pins (`pinned: true`), once each."""
+    pins = tuple(dict.fromkeys((*config.pinned, *catalog.pinned())))
+    smallest = config.max_loras if config.min_loras is None else config.min_loras
+    if len(pins) > smallest:
+        raise ConfigError(
+            f"pinned and the adapters_dir manifest pin {len(pins)} adapters but min_loras is {smallest}: "
+            "pinned adapters must fit in the smallest slot count",
+            fields=("pinned", "adapters_dir", "min_loras"),
+        )
+    return pins
 
 
 def sample_seed(seed: int, index: int) -> int:

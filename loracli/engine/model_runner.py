@@ -3,8 +3,11 @@
 `run(seqs, is_prefill)` orders nothing itself: the engine hands sequences sorted by adapter
 slot, so each slot's tokens form one contiguous run and the LoRA ops work on slices.
 With a deterministic model (`CausalLM.deterministic`) the LoRA metadata asks for batch-invariant
-ops, and a decode step's keys are padded (to the zero row) up to a multiple of `model.key_tile`.
-A prefill also leaves, in `prompt_logits`, the logits after every prompt token of the sequences
+ops, and a decode step's keys are padded (to the zero row) up to a multiple of `model.key_tile`;
+otherwise a decode step hands attention the block tables and lengths (`build_paged_meta`).
+A prefill computes each sequence from `Sequence.num_cached` on (the tokens before are in the
+prefix cache: `AttnMeta.context_lens`, and `key_rows` to read every key of the step's sequences
+from the cache). A prefill also leaves, in `prompt_logits`, the logits after every prompt token of the sequences
 that ask for prompt logprobs (`SamplingParams.prompt_logprobs`), computed from the step's hidden
 states for those rows only: the other sequences' lm_head work is unchanged.
 When the batch holds adapter mixes the metadata has one pass per mix part (`build_passes`): pass k
@@ -22,7 +25,7 @@ import torch
 
 from ..adapter_vocab import VocabWeights
 from ..adapters import LoraWeights
-from ..kernels import LoraMeta, build_passes
+from ..kernels import LoraMeta, build_paged_meta, build_passes
 from ..model.llama import AttnMeta, CausalLM
 from ..model.vocab_adapters import SlotVocab
 from .block_manager import BlockManager
@@ -126,12 +129,15 @@ class ModelRunner:
             rows: list[int] = []
             lens: list[int] = []
             for seq in seqs:
-                n = len(seq)
-                ids.extend(seq.token_ids)
-                pos.extend(range(n))
-                rows.extend(self.blocks.row(seq, p) for p in range(n))
-                lens.append(n)
+                n, cached = len(seq), seq.num_cached
+                ids.extend(seq.token_ids[cached:])
+                pos.extend(range(cached, n))
+                rows.extend(self.blocks.row(seq, p) for p in range(cached, n))
+                lens.append(n - cached)
             attn = AttnMeta(True, self._tensor(rows), lens)
+            if any(seq.num_cached for seq in seqs):
+                attn.context_lens = [seq.num_cached for seq in seqs]
+                attn.key_rows = self._tensor([self.blocks.row(seq, p) for seq in seqs for p in range(len(seq))])
             last = self._tensor([sum(lens[: i + 1]) - 1 for i in range(len(lens))])
         else:
             ids = [seq.token_ids[-1] for seq in seqs]
@@ -166,6 +172,11 @@ class ModelRunner:
 
     def _decode_meta(self, seqs: list[Sequence], rows: list[int]) -> AttnMeta:
         bs, tile = self.blocks.block_size, self.model.key_tile
+        if not self.model.deterministic:  # paged attention reads the keys where they lie
+            meta = AttnMeta(False, self._tensor(rows), [1] * len(seqs))
+            tables, seq_lens = [s.block_table for s in seqs], [len(s) for s in seqs]
+            meta.paged = build_paged_meta(tables, seq_lens, bs, self.model.zero_row, device=self.device)
+            return meta
         keys = -(-max(len(s) for s in seqs) // tile) * tile  # the longest sequence, padded to the key tile
         width = -(-keys // bs)
         table = torch.zeros(len(seqs), width, dtype=torch.int64)

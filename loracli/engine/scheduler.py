@@ -12,9 +12,16 @@ Each step is either a prefill step (admit waiting sequences, whole prompts) or a
   `starvation_steps` steps: then admission stops until it gets in, so it waits at most that
   long plus the time for running sequences to finish;
 - an adapter is loaded (via `ensure_adapter`) before any slot is evicted for it; if loading
-  fails, every waiting sequence for it fails with that reason.
+  fails, every waiting sequence for it fails with that reason;
+- a sequence needing an adapter that is not in a slot and not ready (`adapter_ready` false: its
+  background load is in flight) is skipped without stopping admission or using resources; it
+  keeps its place, so once the adapter is ready it is admitted in its arrival order.
 A decode step that lacks a block for some sequence preempts the most recently admitted running
 sequences (their blocks are freed and they wait again, to be recomputed).
+With prefix caching (block_manager.py) an admission takes the longest cached prefix of the
+sequence (by `cache_identity`): it needs free blocks only for the rest (a cached block nobody
+holds counts as taken), and only the tokens after the prefix (`num_cached`) count against the
+`max_batched_tokens` budget, since only they are computed.
 
 A request's n > 1 samples (`Sequence.forks`, see sequence.py) are admitted together: sample 0
 needs places for all n and KV blocks for its prompt plus one per sample when the prompt's last
@@ -36,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import EngineConfig
-from .block_manager import BlockManager
+from .block_manager import BlockManager, prefix_identity
 from .sequence import Sequence, Status
 from .slots import SlotManager
 
@@ -58,6 +65,7 @@ class Scheduler:
         blocks: BlockManager,
         slots: SlotManager,
         ensure_adapter: Callable[[str], str | None],
+        adapter_ready: Callable[[str], bool] = lambda name: True,
     ):
         self.config = config
         # live batch limits: start at the config's, lowered by `back_off` after running out of memory
@@ -66,6 +74,8 @@ class Scheduler:
         self.blocks = blocks
         self.slots = slots
         self.ensure_adapter = ensure_adapter  # name -> None if loaded, else the failure reason
+        self.adapter_ready = adapter_ready  # name -> False while its load is in flight (skip its requests)
+        self.loading_skips = 0  # admissions skipped because an adapter was still loading
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.step_no = 0
@@ -73,6 +83,9 @@ class Scheduler:
         self.kv_blocked = False  # the last admission stopped for want of KV blocks
         self.only_adapter: str | None = None  # set while one adapter is merged or draining to merge
         self.reserve_blocks = 0  # free KV blocks admissions must leave (for slots about to grow)
+        # a sequence's prefix-cache identity at admission (`block_manager.prefix_identity`; the engine
+        # adds its merged adapter and RoPE table); None = no caching
+        self.cache_identity: Callable[[Sequence], tuple | None] = prefix_identity
 
     def add(self, seq: Sequence) -> None:
         seq.arrival_step = self.step_no
@@ -120,19 +133,25 @@ class Scheduler:
             if failed is not None:
                 batch.failed.append((seq, failed))
                 continue
+            missing = [name for name in seq.adapters if self.slots.lookup(name) is None]
+            if not all(self.adapter_ready(name) for name in missing):
+                self.loading_skips += 1
+                kept.append(seq)
+                continue
             n = len(seq)
             if seq.forks and not self._fits_together(seq):
                 self.waiting.extendleft(reversed(seq.forks))  # separate sequences, next in line
                 seq.forks = []
-            need = self.blocks.blocks_for(n) + len(seq.forks) * self.blocks.fork_cost(seq)
+            identity = self.cache_identity(seq)
+            need, cached = self.blocks.needed(seq, identity)
+            need += len(seq.forks) * self.blocks.fork_cost(seq)
             fits = need <= self.blocks.num_free - self.reserve_blocks
             full = len(self.running) + len(seq.forks) >= self.max_num_seqs
-            if full or (batch.seqs and n > budget) or not fits:
+            if full or (batch.seqs and n - cached > budget) or not fits:
                 self.kv_blocked = not self.blocks.can_allocate(seq)
                 kept.append(seq)
                 stop = True
                 continue
-            missing = [name for name in seq.adapters if self.slots.lookup(name) is None]
             if missing:
                 if not self.slots.can_place_all(seq.adapters):
                     if seq.blocked_since is None:
@@ -144,8 +163,8 @@ class Scheduler:
                 if reason is not None:
                     batch.failed.append((seq, reason))
                     continue
-            self._start(seq, batch)
-            budget -= n
+            self._start(seq, batch, identity)
+            budget -= n - cached
         self.waiting = kept
         if failed_adapters:
             remaining: deque[Sequence] = deque()
@@ -167,7 +186,7 @@ class Scheduler:
                 return reason
         return None
 
-    def _start(self, seq: Sequence, batch: Batch) -> None:
+    def _start(self, seq: Sequence, batch: Batch, identity: tuple | None) -> None:
         keep = frozenset(seq.adapters)
         slots = []
         for name in seq.adapters:
@@ -179,7 +198,7 @@ class Scheduler:
         if slots:
             seq.slot = slots[0]
         seq.part_slots = slots if seq.mix is not None else []
-        self.blocks.allocate(seq)
+        self.blocks.allocate(seq, identity)
         seq.status = Status.RUNNING
         seq.blocked_since = None
         seq.credits = 0
@@ -241,7 +260,9 @@ class Scheduler:
         `max_num_seqs` and preempts the running sequences past the new limit.
         """
         if batch.is_prefill:
-            self.max_batched_tokens = max(1, sum(len(s) for s in batch.seqs) // 2)
+            self.max_batched_tokens = max(1, sum(len(s) - s.num_cached for s in batch.seqs) // 2)
+            for seq in batch.seqs:  # their new blocks' KV may be unwritten: take them out of the prefix cache
+                self.blocks.forget(seq)
             victims = list(batch.seqs) + [child for _, children in batch.forks for child in children]
         else:
             self.max_num_seqs = max(1, len(batch.seqs) // 2)

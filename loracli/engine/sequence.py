@@ -3,6 +3,8 @@
 Plain Python: no tensors. `token_ids` holds prompt + generated tokens; after a preemption the
 whole of it is recomputed by the next prefill. A sequence of an adapter mix (`mix`) holds one
 slot per adapter of the mix while running (`part_slots`, in the mix's order; `slot` is the first).
+`token_ids` only grows, so the prefix cache's digests of its full blocks (`block_digests`) are
+computed once each; `num_cached` says how many leading tokens its admission found cached.
 
 A request with n > 1 samples is a `SampleGroup` of n sequences. Sample 0 is queued with the
 other n - 1 in `forks`; when it is admitted they are forked from it (engine/scheduler.py): they
@@ -52,6 +54,8 @@ class Sequence:
     group: SampleGroup | None = field(default=None, compare=False, repr=False)  # the request's n > 1 samples
     sample_index: int = 0  # which of the n samples this is
     forks: list[Sequence] = field(default_factory=list, compare=False, repr=False)  # samples 1..n-1 until forked
+    num_cached: int = 0  # tokens of its last admission found in the prefix cache: the prefill starts after them
+    block_digests: list[bytes] = field(default_factory=list, compare=False, repr=False)  # per full block
 
     def __post_init__(self) -> None:
         if not self.num_prompt:

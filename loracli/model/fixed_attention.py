@@ -2,7 +2,7 @@
 query, keys and values only, never on the other sequences of the batch, and prefill and decode
 give it the same bits.
 
-    prefill(q[T, Hq, D], k[T, Hkv, D], v[T, Hkv, D], seq_lens, scale, window, cap) -> [T, Hq*D]
+    prefill(q[T, Hq, D], k[K, Hkv, D], v[K, Hkv, D], seq_lens, scale, window, cap, contexts) -> [T, Hq*D]
     decode(q[B, Hq, D], kv[2, rows, Hkv, D], DecodeKeys, scale, cap) -> [B, Hq*D]
     DecodeKeys.of(gather[B, L], valid[B, L], Hkv): built once per step, shared by the layers
 
@@ -23,9 +23,11 @@ a multiple of `KV_CHUNK`: shapes at which a row's bits were measured not to vary
 is float32, i.e. MKL's GEMM; see `loracli.kernels.invariant`). A decode step's query is one token
 (its GQA query heads padded to whole row tiles); a prefill's are all of a sequence's tokens: the
 same row math either way, so a sequence recomputed by a prefill after preemption gets the KV cache
-and logits its decode steps gave. Keys a decode step never sees are read from the cache's zero
-row; a prefill's masked keys are real ones of the same batch. Either way they get exactly zero
-weight, so stale cache rows never reach the sums. Memory: one `attend`'s scores, [items, rows, keys] float32 (see
+and logits its decode steps gave, and a prefill over a cached prefix (`contexts`: its keys read
+back from the cache) gives the bits a prefill of the whole sequence gives. Keys a decode step
+never sees are read from the cache's zero row; a prefill's masked keys are real ones of the same
+batch. Either way they get exactly zero weight, so stale cache rows never reach the sums.
+Memory: one `attend`'s scores, [items, rows, keys] float32 (see
 `prefill` for its bound).
 """
 
@@ -50,21 +52,29 @@ def padded_keys(n: int) -> int:
     return -(-n // KV_CHUNK) * KV_CHUNK
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, cap: Cap = None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, cap: Cap = None, real: int | None = None
+) -> torch.Tensor:
     """q [I, M, D] (scaled), k/v [I, L, D], float32, L a multiple of KV_CHUNK; `hidden` broadcasts to
-    [I, M, L], True where a row must not see a key (every row sees at least one) -> [I, M, D]."""
+    [I, M, L], True where a row must not see a key (every row sees at least one) -> [I, M, D].
+
+    With `real`, only rows < real are results and q's other rows must be zero (the row padding): the
+    elementwise softmax work skips them (their scores stay 0, so they add nothing to the GEMMs) and
+    their output rows are left unnormalised. A real row gets the same bits either way (the skipped
+    rows change no GEMM row and no elementwise op of a real row); decode passes its GQA group."""
     s = torch.bmm(q, k.transpose(1, 2))
+    r = s if real is None else s[:, :real]  # [I, real, L]
     if cap is not None:
-        s = cap[1](s / cap[0]) * cap[0]
-    s.masked_fill_(hidden, float("-inf"))
-    s.sub_(s.amax(-1, keepdim=True)).exp_()
+        r.copy_(cap[1](r / cap[0]) * cap[0])
+    r.masked_fill_(hidden if hidden.shape[1] == 1 or real is None else hidden[:, :real], float("-inf"))
+    r.sub_(r.amax(-1, keepdim=True)).exp_()
     o = torch.bmm(s[:, :, :KV_CHUNK], v[:, :KV_CHUNK])
-    total = s[:, :, :KV_CHUNK].sum(-1)
+    total = r[:, :, :KV_CHUNK].sum(-1)
     for c in range(KV_CHUNK, s.shape[-1], KV_CHUNK):
-        e = s[:, :, c : c + KV_CHUNK]
-        o.add_(torch.bmm(e, v[:, c : c + KV_CHUNK]))
-        total.add_(e.sum(-1))
-    return o.div_(total.unsqueeze(-1))
+        o.add_(torch.bmm(s[:, :, c : c + KV_CHUNK], v[:, c : c + KV_CHUNK]))
+        total.add_(r[:, :, c : c + KV_CHUNK].sum(-1))
+    (o if real is None else o[:, :real]).div_(total.unsqueeze(-1))
+    return o
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,7 @@ def decode(q: torch.Tensor, kv: torch.Tensor, keys: DecodeKeys, scale: float, ca
     qp = q.new_zeros(Hkv, B, rows, D, dtype=torch.float32)
     qp[:, :, :group] = (q.float() * scale).view(B, Hkv, group, D).transpose(0, 1)
     k, v = (kv[i].view(-1, D).index_select(0, keys.rows).view(Hkv * B, L, D).float() for i in (0, 1))
-    o = attend(qp.view(Hkv * B, rows, D), k, v, keys.hidden, cap)
+    o = attend(qp.view(Hkv * B, rows, D), k, v, keys.hidden, cap, real=group)
     return o.view(Hkv, B, rows, D)[:, :, :group].transpose(0, 1).reshape(B, Hq * D).to(q.dtype)
 
 
@@ -106,26 +116,35 @@ def prefill(
     scale: float,
     window: int | None,
     cap: Cap = None,
+    contexts: list[int] | None = None,
 ) -> torch.Tensor:
     """Causal attention within each sequence of the flat batch (lengths `seq_lens`): [T, Hq*D].
 
+    With `contexts` (prefix caching), sequence i's `seq_lens[i]` query tokens are its last ones,
+    at positions contexts[i].., and k/v hold all its contexts[i] + seq_lens[i] keys (K = the sum:
+    the cached ones read back from the cache, then the new ones); without, k/v are the step's own
+    (K = T).
     A sequence longer than `QUERY_BLOCK` tokens goes block by block (`QUERY_BLOCK` queries each,
     over the keys up to the block's last). Shorter ones, by length, share padded `attend`s of up
     to `BATCH_QUERIES` query tokens. Either way the scores of one `attend` stay within
     `BATCH_QUERIES` x Hq x `QUERY_BLOCK` floats (plus a long sequence's length).
     """
     out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-    starts = [0, *accumulate(seq_lens)][:-1]
-    group: list[tuple[int, int, int]] = []
-    for start, n in sorted(zip(starts, seq_lens, strict=True), key=lambda sn: sn[1]):
+    contexts = contexts or [0] * len(seq_lens)
+    totals = [c + n for c, n in zip(contexts, seq_lens, strict=True)]
+    q_starts = [0, *accumulate(seq_lens)][:-1]
+    k_starts = [0, *accumulate(totals)][:-1]
+    group: list[tuple[int, int, int, int]] = []
+    for q_start, k_start, c, n in sorted(zip(q_starts, k_starts, contexts, totals, strict=True), key=lambda b: b[3]):
         if n > QUERY_BLOCK:
-            for first in range(0, n, QUERY_BLOCK):
-                _prefill_blocks(q, k, v, [(start, first, min(QUERY_BLOCK, n - first))], scale, window, cap, out)
+            for first in range(c, n, QUERY_BLOCK):
+                block = (q_start + first - c, k_start, first, min(QUERY_BLOCK, n - first))
+                _prefill_blocks(q, k, v, [block], scale, window, cap, out)
             continue
         if (len(group) + 1) * n > BATCH_QUERIES:  # ascending lengths: n is the group's longest
             _prefill_blocks(q, k, v, group, scale, window, cap, out)
             group = []
-        group.append((start, 0, n))
+        group.append((q_start, k_start, c, n - c))
     if group:
         _prefill_blocks(q, k, v, group, scale, window, cap, out)
     return out
@@ -135,25 +154,25 @@ def _prefill_blocks(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    blocks: list[tuple[int, int, int]],
+    blocks: list[tuple[int, int, int, int]],
     scale: float,
     window: int | None,
     cap: Cap,
     out: torch.Tensor,
 ) -> None:
-    """Blocks (start, first, n): the queries at positions first..first+n-1 of the sequence whose first
-    token is row `start`, over its keys 0..first+n-1. One `attend`, padded to the largest block;
-    writes the blocks' rows of `out`."""
+    """Blocks (q_row, k_start, first, n): the queries at positions first..first+n-1 of a sequence, in
+    rows q_row.. of q, over its keys 0..first+n-1, in rows k_start.. of k/v. One `attend`, padded to
+    the largest block; writes the blocks' rows of `out`."""
     Hq, D = q.shape[1], q.shape[2]
     Hkv = k.shape[1]
     group = Hq // Hkv
     dev = q.device
-    starts, firsts, counts = (torch.tensor(c, device=dev).unsqueeze(1) for c in zip(*blocks, strict=True))
+    q_rows, k_starts, firsts, counts = (torch.tensor(c, device=dev).unsqueeze(1) for c in zip(*blocks, strict=True))
     nq = int(counts.max())
     rows, keys = invariant.tiled(nq * group), padded_keys(int((firsts + counts).max()))
     step = torch.arange(nq, device=dev)
-    queries = (starts + firsts + torch.minimum(step, counts - 1)).flatten()  # [Bn*nq] token rows
-    key_rows = (starts + torch.minimum(torch.arange(keys, device=dev), firsts + counts - 1)).flatten()
+    queries = (q_rows + torch.minimum(step, counts - 1)).flatten()  # [Bn*nq] token rows
+    key_rows = (k_starts + torch.minimum(torch.arange(keys, device=dev), firsts + counts - 1)).flatten()
     qp = q.new_zeros(len(blocks), Hkv, rows, D, dtype=torch.float32)
     qs = (q.index_select(0, queries).float() * scale).view(len(blocks), nq, Hkv, group, D)
     qp[:, :, : nq * group] = qs.transpose(1, 2).reshape(len(blocks), Hkv, nq * group, D)

@@ -9,7 +9,8 @@ One call runs one engine step over a flat batch of T tokens:
 parts on the embedding and lm_head (`vocab_adapters.VocabAdapters`, `CausalLM.vocab`); they
 apply even while the adapter is merged into the layers' weights (its LoRA meta slot is then -1).
 
-Prefill steps hold whole sequences (attention over their own tokens, causal); decode steps
+Prefill steps hold whole sequences (attention over their own tokens, causal), or the tokens
+after a cached prefix (`AttnMeta.context_lens`: attention also over the prefix's cached keys); decode steps
 hold one token per sequence (attention over its cached tokens). K/V of every token are
 written to the cache at `attn.slot_mapping`. The math follows transformers' modeling code
 (RMSNorm in float32, rotate-half RoPE from transformers' own rotary classes, gated MLP, GQA),
@@ -250,7 +251,7 @@ class CausalLM:
             kv[0].index_copy_(0, attn.slot_mapping, k)
             kv[1].index_copy_(0, attn.slot_mapping, v)
             if attn.is_prefill:
-                a = attention.prefill(q, k, v, attn, layer_attn, self.deterministic)
+                a = attention.prefill(q, k, v, attn, layer_attn, self.deterministic, kv)
             else:
                 a = attention.decode(q, kv, attn, layer_attn, self.deterministic)
             a = layer.o(a, lora)

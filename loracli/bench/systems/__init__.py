@@ -4,7 +4,7 @@ Contract: `build_system(job)` parses `job.system` (`loracli.bench.system_names`)
 `System` its kind names; `BUILDERS` maps every kind of `system_names.KINDS` to its builder.
 Modules: `interface` (what a system implements), `loracli` (`loracli`, `base`), `loracli_ray`
 (`loracli-ray`), `hf` (what the transformers baselines share), `peft` (`peft-mixed`,
-`peft-grouped`), `merged_swap` (`merged-swap`), `vllm` (`vllm`).
+`peft-grouped`), `merged_swap` (`merged-swap`), `vllm` (`vllm`), `llama_cpp` (`llama-cpp`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from ..protocol import Job
 from ..system_names import SystemSpec, parse_system
 from .interface import System
+from .llama_cpp import LlamaCppSystem
 from .loracli import LoracliSystem
 from .loracli_ray import LoracliRaySystem
 from .merged_swap import MergedSwapSystem
@@ -28,6 +29,7 @@ BUILDERS: dict[str, Callable[[Job, SystemSpec], System]] = {
     "peft-grouped": lambda job, spec: PeftGroupedSystem(job),
     "merged-swap": lambda job, spec: MergedSwapSystem(job),
     "vllm": lambda job, spec: VllmSystem(job),
+    "llama-cpp": LlamaCppSystem,
 }
 
 

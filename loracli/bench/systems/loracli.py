@@ -5,7 +5,8 @@ dtype and device, the spec's `EngineConfig` overrides, and `max_lora_rank` raise
 (the workload's largest rank) unless the spec sets it. `base` is the same engine with every
 request's adapter removed (the LoRA overhead reference). Requests are greedy, with the job's
 ignore-eos; the bench's prompt token ids must be what the engine tokenizes, or the run fails.
-`counters` are the engine's (steps, slots, adapter loads, preemptions, resizes, merges), as the
+`counters` are the engine's (steps, slots, adapter loads, preemptions, resizes, merges, prefix-cache
+blocks looked up and hit, tokens asked to prefill and found cached), as the
 difference over each run. `load` is the hook `loracli-ray` overrides to build a pool instead.
 """
 
@@ -46,7 +47,12 @@ class LoracliSystem(System):
                 None if self.strip else r["adapter"],
                 r["prompt"],
                 r["messages"],
-                {"max_tokens": r["max_tokens"], "ignore_eos": self.ignore_eos, "temperature": 0.0},
+                {
+                    "max_tokens": r["max_tokens"],
+                    "ignore_eos": self.ignore_eos,
+                    "temperature": 0.0,
+                    **(r.get("structure") or {}),
+                },
                 mix=None if self.strip or not mix else AdapterMix(tuple((name, float(w)) for name, w in mix)),
             )
             if hasattr(self.engine, "tokenize") and self.engine.tokenize(req) != r["ids"]:
@@ -70,6 +76,10 @@ class LoracliSystem(System):
             "slot_resizes": len(e.resizer.timeline.resizes),
             "slots": e.slots.n_slots,
             "merges": e.merger.report()["merges"],
+            "prefill_tokens": c.prefill_tokens,
+            "prefix_lookup_blocks": c.prefix_lookup_blocks,
+            "prefix_hit_blocks": c.prefix_hit_blocks,
+            "prefix_saved_tokens": c.prefix_saved_tokens,
         }
 
     def run(self, requests: list[dict]) -> Timed:
