@@ -43,11 +43,6 @@ class StoreStats:
     load_seconds: list[float] = field(default_factory=list)
 
 
-def adapter_names(folder: Path) -> list[str]:
-    """The adapters of an adapters folder: its subfolders' names, sorted."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir())
-
-
 def refuse_base_names(catalog: AdapterCatalog, base_names: frozenset[str]) -> None:
     """Raise `ConfigError` for an adapter named like the base model (`base`, the model's
     name): OpenAI Batch lines naming it get the base model, so no line could ever reach it."""

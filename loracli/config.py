@@ -116,8 +116,8 @@ class EngineConfig:
                 f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}",
                 fields=("enable_prefix_caching",),
             )
-        if isinstance(self.adapters_dir, str) and where_problem(self.adapters_dir):
-            raise ConfigError(f"adapters_dir: {where_problem(self.adapters_dir)}", fields=("adapters_dir",))
+        if isinstance(self.adapters_dir, str) and (problem := where_problem(self.adapters_dir)):
+            raise ConfigError(f"adapters_dir: {problem}", fields=("adapters_dir",))
         if self.merge_policy not in MERGE_POLICIES:
             raise ConfigError(
                 f"merge_policy must be one of {', '.join(MERGE_POLICIES)}, got {self.merge_policy!r}",

@@ -44,7 +44,8 @@ class CpuSample:
     load: float | None  # 1-minute load average
 
 
-def _affinity() -> set[int]:
+def affinity() -> set[int]:
+    """The CPUs this process may run on."""
     try:
         return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -67,7 +68,7 @@ def busy_seconds(stat_text: str, cpus: set[int], ticks_per_second: float) -> flo
 def cpu_sample() -> CpuSample:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     try:
-        busy = busy_seconds(Path("/proc/stat").read_text(), _affinity(), os.sysconf("SC_CLK_TCK"))
+        busy = busy_seconds(Path("/proc/stat").read_text(), affinity(), os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError):
         busy = None
     try:
@@ -91,7 +92,7 @@ class CpuUsage:
 
 def cpu_usage(start: CpuSample, end: CpuSample, threads: int | None, cpus: int | None = None) -> dict:
     """What happened on this process's CPUs between `start` and `end` (`CpuUsage` as a dict)."""
-    cpus = cpus or len(_affinity())
+    cpus = cpus or len(affinity())
     wall = max(end.wall - start.wall, 1e-9)
     own = end.own_cpu - start.own_cpu
     others = None

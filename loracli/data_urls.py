@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import IO
 
+from .atomic_files import atomic_file
 from .errors import ConfigError
 from .url_fs import filesystem, missing_extra, scheme
 
@@ -98,21 +99,16 @@ def head(url: str, field: str = "output_path") -> dict | None:
 
 
 def download(url: str, dest: Path, field: str = "output_path") -> bool:
-    """Copy the object at `url` to `dest` (through `dest.tmp`, renamed); False when there is none."""
+    """Copy the object at `url` to `dest` (`atomic_file`: whole or not at all); False when there is none."""
     fs, path = filesystem(url, field)
-    tmp = dest.with_name(dest.name + ".tmp")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with fs.open(path, "rb") as src, tmp.open("wb") as out:
+        with fs.open(path, "rb") as src, atomic_file(dest) as out:
             for chunk in iter(lambda: src.read(UPLOAD_CHUNK), b""):
                 out.write(chunk)
     except FileNotFoundError:
-        tmp.unlink(missing_ok=True)
         return False
     except Exception as e:  # noqa: BLE001 - as in check_remote
-        tmp.unlink(missing_ok=True)
         raise _fail(url, field, e) from None
-    os.replace(tmp, dest)
     return True
 
 

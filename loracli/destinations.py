@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic_files import atomic_file
 from .data_urls import download, head, upload
 from .errors import ConfigError
 from .model_source import cache_root
@@ -103,11 +104,8 @@ def _state_path(dest: Destination) -> Path:
 
 
 def _save_state(dest: Destination, obj: dict | None) -> None:
-    path = _state_path(dest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(_state_path(dest)) as f:
+        f.write((json.dumps(obj) + "\n").encode("utf-8"))
 
 
 def _load_state(dest: Destination) -> dict | None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .atomic_files import atomic_file
 
 if TYPE_CHECKING:
     import torch
@@ -198,16 +198,8 @@ def read_probe_cache(path: Path) -> dict[str, Any]:
 
 def write_probe_cache(path: Path, entries: dict[str, Any]) -> None:
     """Replace the file in one step, so a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(entries, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write((json.dumps(entries, indent=2) + "\n").encode("utf-8"))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

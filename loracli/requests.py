@@ -329,8 +329,8 @@ def _check_mix(value: Any, ctx: tuple[str, int], where: str) -> AdapterMix:
     for name, weight in value.items():
         if not isinstance(name, str) or not name:
             raise _fail(ctx, where, f"adapter names must be non-empty strings, got {shown(name)}")
-        if name_problem(name):
-            raise _fail(ctx, where, f"refused adapter name {shown(name)}: {name_problem(name)}")
+        if problem := name_problem(name):
+            raise _fail(ctx, where, f"refused adapter name {shown(name)}: {problem}")
         ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
         if not ok:
             raise _fail(ctx, f"{where}.{name}", f"weight must be a finite number, got {shown(weight)}")
@@ -347,8 +347,8 @@ def _parse_native(obj: dict, ctx: tuple[str, int]) -> Request:
     elif adapter is not None and (not isinstance(adapter, str) or not adapter):
         message = f"must be an adapter name, an object of adapter names and weights, or null, got {shown(adapter)}"
         raise _fail(ctx, "adapter", message)
-    elif adapter is not None and name_problem(adapter):
-        raise _fail(ctx, "adapter", f"refused adapter name {shown(adapter)}: {name_problem(adapter)}")
+    elif adapter is not None and (problem := name_problem(adapter)):
+        raise _fail(ctx, "adapter", f"refused adapter name {shown(adapter)}: {problem}")
     prompt, messages = _check_prompt(obj, ctx, "")
     params = _check_params(obj, ctx, "", NATIVE_PARAMS) | output_params(obj, ctx, "", None)
     unknown = sorted(str(k) for k in set(obj) - NATIVE_FIELDS - NATIVE_OUTPUT_FIELDS)
@@ -378,8 +378,9 @@ def _parse_openai(obj: dict, ctx: tuple[str, int], base_names: frozenset[str]) -
         raise _fail(ctx, "body.prompt", "missing: completions take 'prompt'")
     params = _check_params(body, ctx, "body.", BODY_PARAMS) | output_params(body, ctx, "body.", url)
     adapter = None if model in base_names else model
-    if base_names and adapter is not None and name_problem(adapter):  # unknown base names: the engine refuses it
-        raise _fail(ctx, "body.model", f"refused adapter name {shown(adapter)}: {name_problem(adapter)}")
+    # with unknown base names the engine refuses it
+    if base_names and adapter is not None and (problem := name_problem(adapter)):
+        raise _fail(ctx, "body.model", f"refused adapter name {shown(adapter)}: {problem}")
     mix = None
     if body.get("adapter_weights") is not None:
         mix = _check_mix(body["adapter_weights"], ctx, "body.adapter_weights")

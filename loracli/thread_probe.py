@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Any
 
+from .cpu_usage import affinity
+
 PROBE_FILE = "cpu_threads.json"
 POLICIES = ("passive", "active")
 STEP_LAYERS = 8  # a quarter of SmolLM2-135M: the same barriers per FLOP, a cheaper probe
@@ -85,7 +87,7 @@ def measure_threads(seconds: float = PROBE_SECONDS) -> dict[str, Any]:
     """Every (policy, threads) pair, quiet and with one spinning co-tenant; the fastest of each."""
     import torch
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = len(affinity())
     runs = []
     for busy in (False, True):
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
@@ -108,7 +110,7 @@ def measure_threads(seconds: float = PROBE_SECONDS) -> dict[str, Any]:
 def probe_key() -> str:
     from .devices import machine_key
 
-    return f"{machine_key()}-{os.cpu_count()}cpus"
+    return f"{machine_key()}-{len(affinity())}cpus"
 
 
 def thread_probe(seconds: float = PROBE_SECONDS, refresh: bool = False) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from test_engine_vs_peft import MAX_TOKENS, make_engine, reference, requests_for
+from test_engine_vs_peft import MAX_TOKENS, assert_matches_peft, make_engine, reference, requests_for
 from tiny import make_adapter
 
 from loracli import peft_fields
@@ -61,13 +61,7 @@ def test_each_targeting_form_serves_what_peft_serves_in_one_mixed_batch(llama_di
     requests = requests_for(adapters, PROMPTS)
     results = {r.id: r for r in engine.generate(requests)}
     for req in requests:
-        res = results[req.id]
-        assert res.error is None, res.error
-        prompt_ids = engine.tokenize(req)
-        tokens, logits = reference(llama_dir, form_adapters, req.adapter, prompt_ids, MAX_TOKENS)
-        assert res.token_ids == tokens, req.id
-        ours = engine.next_token_logits(req.adapter, prompt_ids + res.token_ids[:-1])
-        assert float((ours - logits[-1]).abs().max() / logits[-1].abs().max()) < 1e-4, req.id
+        assert_matches_peft(engine, llama_dir, form_adapters, req, results[req.id], MAX_TOKENS)
 
 
 def test_the_forms_are_read_as_peft_reads_them(form_adapters):

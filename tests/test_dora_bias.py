@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_engine_vs_peft import make_engine, reference
+from test_engine_vs_peft import assert_close_logits, assert_matches_peft, make_engine
 
 from loracli.adapters import load_adapter
 from loracli.errors import AdapterError
@@ -95,11 +95,6 @@ def requests_for(names) -> list[Request]:
     return [Request(id=f"{a}-{i}", adapter=a, params=params, **p) for a in names for i, p in enumerate(PROMPTS)]
 
 
-def assert_close_logits(ours: torch.Tensor, ref: torch.Tensor, what, tol: float = 1e-4) -> None:
-    rel = float((ours - ref).abs().max() / ref.abs().max())
-    assert rel < tol, (what, rel)
-
-
 def test_mixed_batch_matches_peft_each_adapter_alone(setup):
     model_dir, adapters_dir = setup
     names = [*ADAPTERS, None]
@@ -108,13 +103,7 @@ def test_mixed_batch_matches_peft_each_adapter_alone(setup):
     results = {r.id: r for r in engine.generate(reqs)}
     assert len(results) == len(reqs)
     for req in reqs:
-        res = results[req.id]
-        assert res.error is None, res.error
-        ids = engine.tokenize(req)
-        ref_tokens, ref_logits = reference(model_dir, adapters_dir, req.adapter, ids, MAX_TOKENS)
-        assert res.token_ids == ref_tokens, (req.id, res.token_ids, ref_tokens)
-        ours = engine.next_token_logits(req.adapter, ids + res.token_ids[:-1])
-        assert_close_logits(ours, ref_logits[-1], req.id)
+        assert_matches_peft(engine, model_dir, adapters_dir, req, results[req.id], MAX_TOKENS)
 
 
 def test_the_new_parts_matter(setup):

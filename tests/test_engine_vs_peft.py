@@ -54,6 +54,23 @@ def greedy(model, prompt_ids, max_tokens):
     return tokens, [lg[0].float() for lg in out.logits]
 
 
+def assert_close_logits(ours: torch.Tensor, ref: torch.Tensor, what, tol: float = 1e-4) -> None:
+    """Relative error (max |ours - ref| / max |ref|) below `tol`."""
+    rel = float((ours - ref).abs().max() / ref.abs().max())
+    assert rel < tol, (what, rel)
+
+
+def assert_matches_peft(engine, model_dir, adapters_dir, req, res, max_tokens) -> list[int]:
+    """The engine's answer `res` to `req` (from any batch) equals transformers + PEFT with `req.adapter`
+    alone: greedy tokens equal, the last step's logits within 1e-4 relative. Returns the prompt ids."""
+    assert res.error is None, res.error
+    ids = engine.tokenize(req)
+    ref_tokens, ref_logits = reference(model_dir, adapters_dir, req.adapter, ids, max_tokens)
+    assert res.token_ids == ref_tokens, (req.id, res.token_ids, ref_tokens)
+    assert_close_logits(engine.next_token_logits(req.adapter, ids + res.token_ids[:-1]), ref_logits[-1], req.id)
+    return ids
+
+
 def make_engine(model_dir, adapters_dir, **kw):
     cfg = dict(
         model=str(model_dir),
@@ -90,15 +107,7 @@ def test_greedy_tokens_and_logits_match_peft(setup):
     results = {r.id: r for r in engine.generate(requests_for(ADAPTERS, PROMPTS))}
     assert len(results) == len(ADAPTERS) * len(PROMPTS)
     for req in requests_for(ADAPTERS, PROMPTS):
-        res = results[req.id]
-        assert res.error is None, res.error
-        prompt_ids = engine.tokenize(req)
-        ref_tokens, ref_logits = reference(model_dir, adapters_dir, req.adapter, prompt_ids, MAX_TOKENS)
-        assert res.token_ids == ref_tokens, (req.id, res.token_ids, ref_tokens)
-        ours = engine.next_token_logits(req.adapter, prompt_ids + res.token_ids[:-1])
-        ref = ref_logits[-1]
-        rel = (ours - ref).abs().max() / ref.abs().max()
-        assert rel < 1e-4, (req.id, float(rel))
+        assert_matches_peft(engine, model_dir, adapters_dir, req, results[req.id], MAX_TOKENS)
 
 
 def test_mixed_batch_equals_each_alone(setup):

@@ -19,8 +19,9 @@ import json
 import pytest
 import torch
 from runs import tiny_engine
-from test_engine_vs_peft import greedy
-from tiny import make_adapter, make_tokenizer
+from test_engine_vs_peft import assert_close_logits, greedy
+from test_merge import assert_merge_matches_the_lora_path
+from tiny import make_adapter, make_config_model
 
 from loracli.errors import ModelError
 from loracli.model.spec import ModelSpec
@@ -98,34 +99,9 @@ CASES = {
 
 
 def make_family_model(folder, case: str):
-    import transformers
-
     cls_name, extra, _ = CASES[case]
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(folder)
-    config = getattr(transformers, cls_name)(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id,
-        **extra,
-    )
-    torch.manual_seed(list(CASES).index(case))
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    with torch.no_grad():  # norms away from their init (1 or 0), so a wrong norm formula shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p), alpha=0.3)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    return folder
+    noise = (lambda name: "norm" in name, 0.3)  # norms away from their init (1 or 0), so a wrong norm formula shows
+    return make_config_model(folder, cls_name, list(CASES).index(case), noise, head_dim=16, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +161,7 @@ def test_family_matches_transformers_and_peft(family):
         tokens, last_logits = ref.generate(req.adapter, prompt_ids)
         assert res.token_ids == tokens, (case, req.id, res.token_ids, tokens)
         ours = engine.next_token_logits(req.adapter, prompt_ids + res.token_ids[:-1])
-        rel = (ours - last_logits).abs().max() / last_logits.abs().max()
-        assert rel < 1e-4, (case, req.id, float(rel))
+        assert_close_logits(ours, last_logits, (case, req.id))
     window = engine.spec.sliding_window
     assert window is None or longest > 2 * window  # the window really cuts keys off
 
@@ -207,16 +182,7 @@ def test_deterministic_mode_gives_the_same_tokens_at_any_batch_size(family):
 @pytest.mark.parametrize("family", ["phi3", "gemma2"], indirect=True)
 def test_merged_logits_match_the_unmerged_lora_path(family):
     _, model_dir, adapters = family
-    e = tiny_engine(model_dir, adapters, max_loras=2)
-    ids = e.tokenizer("merge me into the base weights please").input_ids
-    base = e.next_token_logits(None, ids)
-    unmerged = e.next_token_logits("high", ids)
-    e.model_runner.merge("high", e.slots.lookup("high"))
-    merged = e.next_token_logits("high", ids)
-    e.model_runner.unmerge()
-    assert (unmerged - base).abs().max() > 1e-2  # the adapter matters
-    torch.testing.assert_close(merged, unmerged, atol=2e-4, rtol=1e-4)
-    torch.testing.assert_close(e.next_token_logits("high", ids), unmerged, atol=0, rtol=0)
+    assert_merge_matches_the_lora_path(tiny_engine(model_dir, adapters, max_loras=2), "high")
 
 
 @pytest.mark.parametrize("family", ["phi3"], indirect=True)

@@ -33,6 +33,7 @@ LIGHT = [
     "loracli.adapter_sources",
     "loracli.data_urls",
     "loracli.url_fs",
+    "loracli.atomic_files",
     "loracli.destinations",
     "loracli.parquet_results",
     "loracli.job",

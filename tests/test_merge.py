@@ -130,17 +130,24 @@ def test_base_weights_are_restored_bit_for_bit_after_many_cycles(llama_dir, llam
         assert all(torch.equal(lin.weight, w) for (_, lin), w in zip(e.model.linears(), original, strict=True))
 
 
-def test_merged_logits_match_the_unmerged_lora_path(llama_dir, llama_adapters):
-    e = tiny_engine(llama_dir, llama_adapters, max_loras=2)
+def assert_merge_matches_the_lora_path(e, adapter: str) -> None:
+    """Merged into the base weights, `adapter` gives its LoRA path's logits (close; the adapter
+    matters); unmerged again, the weights and the LoRA path's logits are bit-exact."""
     ids = e.tokenizer("merge me into the base weights please").input_ids
     base = e.next_token_logits(None, ids)
-    unmerged = e.next_token_logits("all16rs", ids)
-    e.model_runner.merge("all16rs", e.slots.lookup("all16rs"))
-    merged = e.next_token_logits("all16rs", ids)
+    unmerged = e.next_token_logits(adapter, ids)
+    original = [lin.weight.clone() for _, lin in e.model.linears()]
+    e.model_runner.merge(adapter, e.slots.lookup(adapter))
+    merged = e.next_token_logits(adapter, ids)
     e.model_runner.unmerge()
     assert (unmerged - base).abs().max() > 1e-2  # the adapter matters
     torch.testing.assert_close(merged, unmerged, atol=2e-4, rtol=1e-4)
-    torch.testing.assert_close(e.next_token_logits("all16rs", ids), unmerged, atol=0, rtol=0)
+    assert all(torch.equal(lin.weight, w) for (_, lin), w in zip(e.model.linears(), original, strict=True))
+    torch.testing.assert_close(e.next_token_logits(adapter, ids), unmerged, atol=0, rtol=0)
+
+
+def test_merged_logits_match_the_unmerged_lora_path(llama_dir, llama_adapters):
+    assert_merge_matches_the_lora_path(tiny_engine(llama_dir, llama_adapters, max_loras=2), "all16rs")
 
 
 def workload() -> list[Request]:

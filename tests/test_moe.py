@@ -18,8 +18,9 @@ import json
 import pytest
 import torch
 from runs import tiny_engine
-from test_engine_vs_peft import reference
-from tiny import make_adapter, make_tokenizer
+from test_engine_vs_peft import assert_matches_peft
+from test_merge import assert_merge_matches_the_lora_path
+from tiny import make_adapter, make_config_model
 
 from loracli.adapters import load_adapter
 from loracli.errors import AdapterError
@@ -39,42 +40,19 @@ MAX_TOKENS = 8
 
 
 def make_moe_model(folder, family: str):
-    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(folder)
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        num_experts_per_tok=2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-    )
     qwen = dict(moe_intermediate_size=32, mlp_only_layers=[0], decoder_sparse_step=1)
-    if family == "mixtral":
-        config = MixtralConfig(num_local_experts=4, **common)
-    elif family == "qwen2_moe":
-        config = Qwen2MoeConfig(
-            num_experts=4, norm_topk_prob=True, shared_expert_intermediate_size=48, **qwen, **common
-        )
-    else:
-        config = Qwen3MoeConfig(num_experts=8, norm_topk_prob=False, head_dim=16, **qwen, **common)
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "norm.weight")):
-                p.add_(torch.randn_like(p), alpha=0.2)  # make biases and q/k norms matter
-    model.save_pretrained(str(folder), safe_serialization=True)
-    return folder
+    own = {
+        "mixtral": ("MixtralConfig", dict(num_local_experts=4)),
+        "qwen2_moe": (
+            "Qwen2MoeConfig",
+            dict(num_experts=4, norm_topk_prob=True, shared_expert_intermediate_size=48, **qwen),
+        ),
+        "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, norm_topk_prob=False, head_dim=16, **qwen)),
+    }
+    cls_name, extra = own[family]
+    biases_and_norms = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "norm.weight")
+    noise = (lambda name: name.endswith(biases_and_norms), 0.2)  # make biases and q/k norms matter
+    return make_config_model(folder, cls_name, 3, noise, num_experts_per_tok=2, tie_word_embeddings=False, **extra)
 
 
 def make_moe_adapter(model_dir, out, *, r, targets, layers=None, seed):
@@ -190,32 +168,14 @@ def test_greedy_tokens_and_logits_match_peft(moe):
     assert len(results) == len(reqs)
     assert {engine.tokenize(r)[0] for r in reqs if r.messages} == {engine.tokenizer.bos_token_id}  # chat form used
     for req in reqs:
-        res = results[req.id]
-        assert res.error is None, res.error
-        prompt_ids = engine.tokenize(req)
-        ref_tokens, ref_logits = reference(model_dir, adapters, req.adapter, prompt_ids, MAX_TOKENS)
-        assert res.token_ids == ref_tokens, (req.id, res.token_ids, ref_tokens)
-        ours = engine.next_token_logits(req.adapter, prompt_ids + res.token_ids[:-1])
-        ref = ref_logits[-1]
-        rel = (ours - ref).abs().max() / ref.abs().max()
-        assert rel < 1e-4, (req.id, float(rel))
+        assert_matches_peft(engine, model_dir, adapters, req, results[req.id], MAX_TOKENS)
     per_adapter = {a: tuple(results[f"{a}-0"].token_ids) for a in ADAPTERS}
     assert len(set(per_adapter.values())) == len(ADAPTERS), per_adapter  # the adapters change the output
 
 
 def test_merged_adapter_gives_the_unmerged_logits(moe):
     _, model_dir, adapters = moe
-    e = tiny_engine(model_dir, adapters, max_loras=2)
-    ids = e.tokenizer("merge me into the base weights please").input_ids
-    base = e.next_token_logits(None, ids)
-    unmerged = e.next_token_logits("mlp8", ids)
-    original = [lin.weight.clone() for _, lin in e.model.linears()]
-    e.model_runner.merge("mlp8", e.slots.lookup("mlp8"))
-    merged = e.next_token_logits("mlp8", ids)
-    e.model_runner.unmerge()
-    assert (unmerged - base).abs().max() > 1e-2  # the adapter matters
-    torch.testing.assert_close(merged, unmerged, atol=2e-4, rtol=1e-4)
-    assert all(torch.equal(lin.weight, w) for (_, lin), w in zip(e.model.linears(), original, strict=True))
+    assert_merge_matches_the_lora_path(tiny_engine(model_dir, adapters, max_loras=2), "mlp8")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from test_engine_vs_peft import make_engine
 
-from loracli.engine.sampler import top_p_filter
+from loracli.engine.sampler import truncate
 from loracli.requests import Request
 
 PROMPTS = ["the quick brown fox", "hello world", "write a poem about the sea", "numbers one two"]
@@ -48,11 +48,11 @@ def test_tiny_top_p_is_greedy(llama_dir, llama_adapters):
     assert outs["g"].token_ids == outs["n"].token_ids
 
 
-def test_top_p_filter_keeps_nucleus():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    kept = torch.isfinite(top_p_filter(logits.clone(), 0.7))
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(truncate(logits.clone(), [0], [0.7], [0.0])[0])
     assert kept.tolist() == [True, True, False, False]
-    assert torch.isfinite(top_p_filter(logits.clone(), 1.0)).all()
+    assert torch.isfinite(truncate(logits.clone(), [0], [1.0], [0.0])).all()
 
 
 def test_stop_string_truncates(llama_dir, llama_adapters):

@@ -125,9 +125,9 @@ def test_slot_manager_lru_and_pinning():
     slot, evicted, write = sm.place("b", 3)
     assert (slot, evicted, write) == (1, "a", True)  # p is pinned
     sm.acquire(1, 4)
-    assert not sm.can_place("c")  # b in use, p pinned
+    assert not sm.can_place_all(("c",))  # b in use, p pinned
     sm.release(1)
-    assert sm.can_place("c")
+    assert sm.can_place_all(("c",))
     assert sm.place("b", 5) == (1, None, False) and sm.stats.hits == 1
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from loracli.kernels import invariant
 from runs import tiny_engine
-from test_engine_vs_peft import reference
+from test_engine_vs_peft import assert_matches_peft
 from tiny import make_adapter, make_model
 
 from loracli.adapters import load_adapter
@@ -63,14 +63,7 @@ def test_mixed_batch_matches_peft_each_adapter_alone(setup, deterministic):
     assert engine.slots.stats.evictions > 0  # six adapters through four slots
     base_tokens = {}
     for req in requests():
-        res = results[req.id]
-        assert res.error is None, res.error
-        ids = engine.tokenize(req)
-        ref_tokens, ref_logits = reference(model_dir, adapters_dir, req.adapter, ids, MAX_TOKENS)
-        assert res.token_ids == ref_tokens, (req.id, res.token_ids, ref_tokens)
-        ours = engine.next_token_logits(req.adapter, ids + res.token_ids[:-1])
-        rel = (ours - ref_logits[-1]).abs().max() / ref_logits[-1].abs().max()
-        assert rel < 1e-4, (req.id, float(rel))
+        ids = assert_matches_peft(engine, model_dir, adapters_dir, req, results[req.id], MAX_TOKENS)
         if req.adapter is None:
             base_tokens[req.prompt] = engine.next_token_logits(None, ids)
     for name in ("vocab_lora", "save_head", "save_embed", "save_both", "embed_lora"):  # each part matters

@@ -2,12 +2,14 @@
 
 `make_tokenizer(dir)` trains a small BPE with a ChatML template; `make_model(dir, arch)`
 saves a random Llama (untied, GQA) or Qwen2 (q/k/v bias, tied embeddings) in float32 with
-safetensors (`tie` overrides the tying); `make_adapter(model_dir, out, r, targets, ...)` saves a
+safetensors (`tie` overrides the tying); `make_config_model(dir, cls_name, seed, noise, **config)`
+one of any transformers config class (the family and MoE tests); `make_adapter(model_dir, out, r, targets, ...)` saves a
 PEFT LoRA adapter with random (non-zero) A and B (and noisy `modules_to_save` copies).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,6 +87,41 @@ def make_model(folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.2)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def make_config_model(folder: Path, cls_name: str, seed: int, noise: tuple[Callable[[str], bool], float], **config):
+    """A random model of transformers' config class `cls_name` (a small shape, `config` overriding
+    or adding fields) with the test tokenizer, saved in float32 safetensors. `noise` = (which, std):
+    the parameters `which(name)` picks get N(0, std²) added (norms away from their init, biases
+    non-zero), so a wrong formula for them shows."""
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(folder)
+    fields = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        getattr(transformers, cls_name)(**{**fields, **config}), torch_dtype=torch.float32
+    )
+    which, std = noise
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if which(name):
+                p.add_(torch.randn_like(p), alpha=std)
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder
 

@@ -25,7 +25,16 @@ from .manifest import Settings, parse_entries, parse_text
 from .names import name_problem
 from .urls import HubSource, credential_problem, is_url, kind_of, local_path, parse_hub, redact
 
-__all__ = ["AdapterCatalog", "Catalog", "Settings", "apply_scale", "name_problem", "open_catalog", "where_problem"]
+__all__ = [
+    "AdapterCatalog",
+    "Catalog",
+    "Settings",
+    "adapter_names",
+    "apply_scale",
+    "name_problem",
+    "open_catalog",
+    "where_problem",
+]
 
 
 def where_problem(adapters_dir: str) -> str | None:
@@ -60,10 +69,15 @@ def _checked_names(names: list[str], where: str) -> list[str]:
     return names
 
 
+def adapter_names(folder: Path) -> list[str]:
+    """The adapters of an adapters folder: its subfolders' names, sorted."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
 def _folder_catalog(folder: Path) -> Catalog:
     if not folder.is_dir():
         raise ConfigError(f"adapters_dir: {folder} is not a folder", fields=("adapters_dir",))
-    names = _checked_names(sorted(p.name for p in folder.iterdir() if p.is_dir()), str(folder))
+    names = _checked_names(adapter_names(folder), str(folder))
     return Catalog(str(folder), {name: folder / name for name in names})
 
 

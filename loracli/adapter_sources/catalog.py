@@ -55,13 +55,6 @@ class Catalog:
     def has(self, name: str) -> bool:
         return isinstance(name, str) and name in self._sources
 
-    def is_local(self, name: str) -> bool:
-        return isinstance(self._sources.get(name), Path)
-
-    @property
-    def all_local(self) -> bool:
-        return all(isinstance(s, Path) for s in self._sources.values())
-
     def describe(self, name: str) -> str:
         source = self._sources.get(name)
         if source is None:

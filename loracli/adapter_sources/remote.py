@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 from .. import url_fs
 from ..adapters import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
+from ..atomic_files import atomic_file
 from ..errors import AdapterError, ConfigError
 from ..model_source.conversion_cache import cache_root
 from .urls import redact, scheme
@@ -121,7 +122,8 @@ def list_names(url: str) -> list[str]:
                 fields=("adapters_dir",),
             ) from None
     names = sorted(posixpath.basename(f["name"].rstrip("/")) for f in listing if f.get("type") == "directory")
-    _write_atomic(names_file, json.dumps(names).encode())
+    with atomic_file(names_file) as f:
+        f.write(json.dumps(names).encode())
     return names
 
 
@@ -174,7 +176,8 @@ def _fetch(url: str, list_files: Callable, verb: str) -> Path:
         with _source_lock(home):
             if not _complete(entry):
                 _build(entry, lambda tmp: _download_all(fs, files, tmp, shown), shown)
-    _write_atomic(home / "latest", entry.name.encode())
+    with atomic_file(home / "latest") as f:
+        f.write(entry.name.encode())
     return entry
 
 
@@ -275,14 +278,6 @@ def _latest(home: Path) -> Path | None:
     except OSError:
         return None
     return entry if entry.name and _complete(entry) else None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..adapter_store import adapter_names
+from ..adapter_sources import adapter_names
 from ..adapters import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 
 INBOX_PREFIX = "loracli-adapters-"

@@ -715,15 +715,11 @@ class Engine:
         self._apply(self.merger.settle(self.scheduler.step_no))
         name = adapter if mix is None else mix.name
         seq = Sequence(-1, "score", name, list(token_ids), SamplingParams(), mix=mix)
-        slots = []
-        for part in seq.adapters:
-            slot, _, write = self.slots.place(part, self.scheduler.step_no, frozenset(seq.adapters))
+        placed = self.slots.place_all(seq.adapters, self.scheduler.step_no)
+        for part, (slot, write) in zip(seq.adapters, placed, strict=True):
             if write:
                 self.model_runner.write_adapter(slot, self.loader.get(part))
-            slots.append(slot)
-        if slots:
-            seq.slot = slots[0]
-            seq.part_slots = slots if mix is not None else []
+        seq.hold([slot for slot, _ in placed])
         self.blocks.allocate(seq)
         try:
             return self.model_runner.run([seq], is_prefill=True)[0]

@@ -28,13 +28,6 @@ from .sequence import Sequence
 NEG_INF = float("-inf")
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """logits [V] -> logits with everything outside the top-p nucleus set to -inf."""
-    if top_p >= 1.0:
-        return logits
-    return truncate(logits[None], [0], [top_p], [0.0])[0]
-
-
 def truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
     """logits [R, V] (temperature applied) -> logits [R, V] with the dropped tokens at -inf.
 

@@ -187,17 +187,12 @@ class Scheduler:
         return None
 
     def _start(self, seq: Sequence, batch: Batch, identity: tuple | None) -> None:
-        keep = frozenset(seq.adapters)
-        slots = []
-        for name in seq.adapters:
-            slot, _, write = self.slots.place(name, self.step_no, keep)
+        placed = self.slots.place_all(seq.adapters, self.step_no)
+        for name, (slot, write) in zip(seq.adapters, placed, strict=True):
             if write:
                 batch.activations.append((slot, name))
             self.slots.acquire(slot, self.step_no)
-            slots.append(slot)
-        if slots:
-            seq.slot = slots[0]
-        seq.part_slots = slots if seq.mix is not None else []
+        seq.hold([slot for slot, _ in placed])
         self.blocks.allocate(seq, identity)
         seq.status = Status.RUNNING
         seq.blocked_since = None
@@ -220,7 +215,7 @@ class Scheduler:
             copy = self.blocks.fork(seq, child)
             if copy is not None:
                 batch.copies.append(copy)
-            for slot in seq.part_slots or ([seq.slot] if seq.slot >= 0 else []):
+            for slot in seq.held_slots:
                 self.slots.acquire(slot, self.step_no)
             child.slot, child.part_slots = seq.slot, list(seq.part_slots)
             child.status = Status.RUNNING
@@ -285,7 +280,7 @@ class Scheduler:
         seq.status = Status.FINISHED
 
     def _release_slot(self, seq: Sequence) -> None:
-        for slot in seq.part_slots or ([seq.slot] if seq.slot >= 0 else []):
+        for slot in seq.held_slots:
             self.slots.release(slot)
         seq.slot = -1
         seq.part_slots = []

@@ -72,6 +72,17 @@ class Sequence:
         return () if self.adapter is None else (self.adapter,)
 
     @property
+    def held_slots(self) -> list[int]:
+        """The slots it holds while running: a mix's, its one adapter's, or none (the base model)."""
+        return self.part_slots or ([self.slot] if self.slot >= 0 else [])
+
+    def hold(self, slots: list[int]) -> None:
+        """Take `slots`, those of `adapters` in order, as the slots it runs with."""
+        if slots:
+            self.slot = slots[0]
+        self.part_slots = slots if self.mix is not None else []
+
+    @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt :]
 

@@ -73,13 +73,16 @@ class SlotManager:
         room = self._room(keep)
         return room[0] if room else None
 
-    def can_place(self, name: str) -> bool:
-        return name in self.slot_of or self._victim() is not None
-
     def can_place_all(self, names: tuple[str, ...]) -> bool:
         """Whether every adapter of `names` (a mix) can be resident at once, none evicting another."""
         missing = [n for n in names if n not in self.slot_of]
         return len(missing) <= len(self._room(frozenset(names)))
+
+    def place_all(self, names: tuple[str, ...], step: int) -> list[tuple[int, bool]]:
+        """`place` each adapter of `names` (a mix's, or one), none evicting another -> [(slot, whether
+        weights must be written)], in order."""
+        keep = frozenset(names)
+        return [(slot, write) for slot, _, write in (self.place(name, step, keep) for name in names)]
 
     def place(self, name: str, step: int, keep: frozenset[str] = frozenset()) -> tuple[int, str | None, bool]:
         """Slot for `name` -> (slot, evicted adapter or None, whether weights must be written).
@@ -92,7 +95,7 @@ class SlotManager:
             return slot, None, False
         victim = self._victim(keep)
         if victim is None:
-            raise RuntimeError("no slot available; call can_place first")
+            raise RuntimeError("no slot available; call can_place_all first")
         slot = victim
         evicted = self.adapter_of[slot]
         if evicted is not None:

@@ -160,7 +160,7 @@ class MultiLoraLinear:
         """
         r = 0 if a is None else a.shape[0]
         self.dora[j][slot] = magnitude is not None and a is not None and b is not None and r > 0
-        if magnitude is not None and a is not None and b is not None and r > 0:
+        if self.dora[j][slot]:
             g = self.dora_factor(j, a, b, magnitude)  # [n_j] float32
             b = (b.float() * g[:, None]).to(self.B[j].dtype)
             self.gm1[j][slot].copy_(g - 1)

