@@ -300,7 +300,9 @@ def mix_of(route) -> AdapterMix | None:
 
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_mixed_batch_matches_peft_cat_per_request(llama_dir, llama_adapters, deterministic):
-    engine = tiny_engine(llama_dir, llama_adapters, max_loras=3, max_num_seqs=16, deterministic=deterministic)
+    engine = tiny_engine(  # synchronous loads: every request is admitted in the first step
+        llama_dir, llama_adapters, max_loras=3, max_num_seqs=16, deterministic=deterministic, adapter_load_workers=0
+    )
     reqs = []
     for i, (route, prompt) in enumerate((r, p) for r in ROUTES for p in PROMPTS):
         mix = mix_of(route)

@@ -166,7 +166,8 @@ def outputs(engine) -> dict[str, list[int]]:
 
 def test_greedy_tokens_equal_under_never_auto_and_always_single(llama_dir, llama_adapters):
     engines = {
-        p: tiny_engine(llama_dir, llama_adapters, max_loras=2, max_num_seqs=4, merge_policy=p)
+        # Synchronous adapter loads: what gets merged must not depend on load timing.
+        p: tiny_engine(llama_dir, llama_adapters, max_loras=2, max_num_seqs=4, merge_policy=p, adapter_load_workers=0)
         for p in ("never", "auto", "always-single")
     }
     got = {p: outputs(e) for p, e in engines.items()}
@@ -208,7 +209,13 @@ def test_a_flooding_adapter_cannot_starve_a_trickle_of_others(llama_dir, llama_a
 
     def engine(policy, credits):
         return tiny_engine(
-            llama_dir, llama_adapters, max_loras=2, max_num_seqs=4, merge_policy=policy, starvation_steps=credits
+            llama_dir,
+            llama_adapters,
+            max_loras=2,
+            max_num_seqs=4,
+            merge_policy=policy,
+            starvation_steps=credits,
+            adapter_load_workers=0,  # waits are counted in steps: no step may wait on a load in flight
         )
 
     fcfs, _ = flood_and_trickle(engine("never", credit_steps), max_tokens=max_tokens)

@@ -334,9 +334,11 @@ def test_n_samples_and_prompt_logprobs_with_caching(engines):
 def test_merging_keeps_outputs_with_caching(engines):
     """Deterministic mode, so merged and unmerged KV differ in their bits: a block computed while the
     adapter was merged must not serve it unmerged (or the reverse), or the logprobs would differ."""
-    reqs = shared_prefix_requests(adapters=["attn4", "attn4", "attn4", None], logprobs=1)
+    # attn4 runs unmerged first, then (after the base requests) alone and merged: its cached blocks must not serve it
+    reqs = shared_prefix_requests(adapters=["attn4", None, "attn4", "attn4"], logprobs=1)
     reqs = [Request(f"{r.id}-{i}", r.adapter, r.prompt, params=r.params) for i, r in enumerate(reqs)]
-    common = dict(max_num_seqs=4, merge_policy="always-single", deterministic=True)
+    # Synchronous adapter loads: the two engines must admit (and merge) in the same order whatever the load timing.
+    common = dict(max_num_seqs=4, merge_policy="always-single", deterministic=True, adapter_load_workers=0)
     plain = engines(enable_prefix_caching=False, **common)
     off = run(plain, reqs)
     merging = engines(**common)
