@@ -11,7 +11,7 @@ old path (`gather-sdpa`). Variants:
                    (reads a last block's unwritten tail: NaN-unsafe, measured only)
     blocks-flash   block views into torch's CPU flash-attention op (K/V repeated per query head, no GQA there)
     paged          `torch_attention.paged_decode_attention`, what non-deterministic decode runs
-    fixed          `fixed_attention.decode` (deterministic mode, float32, keys in chunks of 64)
+    fixed          `fixed_attention.decode` (deterministic mode: GEMMs in the model dtype if bfloat16, else float32)
 
 The machine may be shared: rounds are interleaved and medians taken, so the ratios hold better
 than the absolute times.

@@ -6,10 +6,11 @@ when a function is called, so importing this module stays light.
 `--dtype auto` on CPU is measured, not read from CPU flags: at first use a probe (about 1 s)
 times a SmolLM2-sized matmul (`PROBE_SHAPES`) in float32 and bfloat16, and checks that the
 deterministic-mode linear (`loracli.kernels.invariant.linear`) gives a row the same bits at 1, 7
-and 64 rows in bfloat16. bfloat16 is picked only when it is at least `BF16_MIN_SPEEDUP` times
+and 64 rows in bfloat16, and so do deterministic attention's bfloat16 GEMMs (`fixed_attention`,
+whose rows are not padded). bfloat16 is picked only when it is at least `BF16_MIN_SPEEDUP` times
 faster at every shape and invariant; else float32. The figures and the pick are cached in
-`<cache root>/cpu_dtype.json` under a key of the CPU's model name, its flags and the torch
-version, so every later run on that kind of machine reads them (`cpu_dtype_probe`).
+`<cache root>/cpu_dtype.json` under a key of the CPU's model name, its flags, the torch version
+and `PROBE_VERSION`, so every later run on that kind of machine reads them (`cpu_dtype_probe`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ PROBE_FILE = "cpu_dtype.json"
 PROBE_SHAPES = ((64, 576, 1536), (256, 576, 1536))  # rows x in x out: SmolLM2's MLP at decode / prefill sizes
 PROBE_SECONDS = 0.2  # timing per shape and dtype
 BF16_MIN_SPEEDUP = 1.2
+PROBE_VERSION = 2  # what the probe checks changed (2: deterministic attention's bfloat16 GEMMs): measure again
 DTYPE_NAMES = ("float32", "bfloat16")
 
 
@@ -99,11 +101,11 @@ def cpu_dtype_probe(seconds: float = PROBE_SECONDS) -> dict[str, Any]:
 
 
 def machine_key() -> str:
-    """A short hash of the CPU's model name, its flags and the torch version."""
+    """A short hash of the CPU's model name, its flags, the torch version and `PROBE_VERSION`."""
     import torch
 
     model, flags = _cpu_identity()
-    return hashlib.sha256(f"{model}\n{flags}\n{torch.__version__}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{model}\n{flags}\n{torch.__version__}\n{PROBE_VERSION}".encode()).hexdigest()[:16]
 
 
 def _cpu_identity() -> tuple[str, str]:
@@ -161,17 +163,26 @@ def _linear_seconds(dtype: torch.dtype, rows: int, fan_in: int, fan_out: int, se
 
 
 def _bf16_rows_invariant() -> bool:
-    """Whether the deterministic-mode linear gives rows the same bits at 1, 7 and 64 rows in bfloat16."""
+    """Whether, in bfloat16, the deterministic-mode linear gives rows the same bits at 1, 7 and 64 rows,
+    and deterministic attention's GEMMs (`fixed_attention.attend`, rows not padded in bfloat16) give
+    a row the same bits at 3 and 48 rows, 1 and 8 items, 64 and 256 keys."""
     import torch
 
     from .kernels.invariant import linear
+    from .model.fixed_attention import attend
 
     rows, fan_in, fan_out = PROBE_SHAPES[0]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, fan_in, generator=gen).bfloat16()
     w = (torch.randn(fan_out, fan_in, generator=gen) * fan_in**-0.5).bfloat16()
     full = linear(x, w)
-    return all(torch.equal(linear(x[:n], w), full[:n]) for n in (1, 7))
+    if not all(torch.equal(linear(x[:n], w), full[:n]) for n in (1, 7)):
+        return False
+    q, k, v = (torch.randn(8, n, 64, generator=gen).bfloat16() for n in (48, 256, 256))
+    seen = torch.zeros(1, 1, 256, dtype=torch.bool)
+    seen[..., 64:] = True  # the keys past 64 hidden: a 64-key call must give the same bits
+    full = attend(q, k, v, seen, scale=0.125)
+    return torch.equal(attend(q[:1, :3], k[:1, :64], v[:1, :64], seen[..., :64], scale=0.125), full[:1, :3])
 
 
 def cached_probe(path: Path, key: str, measure: Callable[[], dict[str, Any]], refresh: bool = False) -> dict[str, Any]:

@@ -7,7 +7,8 @@ give it the same bits.
     DecodeKeys.of(gather[B, L], valid[B, L], Hkv): built once per step, shared by the layers
 
 Both run `attend` on "items" (one KV head of one sequence) holding query rows (a token's query
-heads that share that KV head, GQA) and the sequence's keys, in float32 whatever the model dtype:
+heads that share that KV head, GQA) and the sequence's keys. The GEMMs run in bfloat16 for a
+bfloat16 model on the CPU and in float32 otherwise (`gemm_dtype`); softmax and sums in float32:
 
 1. scores = q·k * scale for every key in one GEMM (with `cap` = (c, tanh): c * tanh(scores / c),
    elementwise, Gemma 2's soft-capping); keys a row may not see (later positions,
@@ -15,13 +16,19 @@ heads that share that KV head, GQA) and the sequence's keys, in float32 whatever
 2. e = exp(scores - max): the max is exact in any order, padding gives exactly 0;
 3. o = sum of e_c @ v_c and l = sum of e_c over chunks c of `KV_CHUNK` keys counted from key 0,
    added in ascending order: every chunk is a GEMM of the same depth, and the chunks past a row's
-   last key add exact zeros, so neither the padded length nor the other rows change the sums;
+   last key add exact zeros, so neither the padded length nor the other rows change the sums
+   (in bfloat16, e_c is rounded to bfloat16 for its GEMM, as transformers' eager attention rounds
+   its probabilities, and each chunk's product is added in float32);
 4. o / l, cast to the model dtype.
 
-Every GEMM runs on a row count that is a multiple of `invariant.ROW_TILE` and a key count that is
-a multiple of `KV_CHUNK`: shapes at which a row's bits were measured not to vary (the arithmetic
-is float32, i.e. MKL's GEMM; see `loracli.kernels.invariant`). A decode step's query is one token
-(its GQA query heads padded to whole row tiles); a prefill's are all of a sequence's tokens: the
+Every GEMM has a depth of D (scores) or `KV_CHUNK` (outputs). In float32 (MKL's GEMM) its row
+count is a multiple of `invariant.ROW_TILE`: shapes at which a row's bits were measured not to
+vary (see `loracli.kernels.invariant`). In bfloat16 (oneDNN's GEMM) a row's bits were measured
+the same at every row count (1-1024), item count (1-300), key count (64-1024) and thread count
+(1, 2) on an AVX-512-BF16 EPYC, so its rows are not padded and K/V are not copied to float32
+(2-3x faster decode attention there; the `--dtype auto` probe re-checks this on the machine it
+runs on, `loracli.devices`). A decode step's query is one token
+(its GQA query heads, padded to whole row tiles in float32); a prefill's are all of a sequence's tokens: the
 same row math either way, so a sequence recomputed by a prefill after preemption gets the KV cache
 and logits its decode steps gave, and a prefill over a cached prefix (`contexts`: its keys read
 back from the cache) gives the bits a prefill of the whole sequence gives. Keys a decode step
@@ -52,26 +59,48 @@ def padded_keys(n: int) -> int:
     return -(-n // KV_CHUNK) * KV_CHUNK
 
 
+def gemm_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype attention's GEMMs run in for queries `q`: bfloat16 on the CPU (where its row
+    invariance was measured), float32 for any other dtype or device."""
+    return torch.bfloat16 if q.dtype == torch.bfloat16 and q.device.type == "cpu" else torch.float32
+
+
+def row_tile(dtype: torch.dtype) -> int:
+    """Rows of an attention GEMM come in multiples of this (`dtype`: its GEMM dtype): none in bfloat16."""
+    return 1 if dtype == torch.bfloat16 else invariant.ROW_TILE
+
+
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, cap: Cap = None, real: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    hidden: torch.Tensor,
+    cap: Cap = None,
+    real: int | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """q [I, M, D] (scaled), k/v [I, L, D], float32, L a multiple of KV_CHUNK; `hidden` broadcasts to
-    [I, M, L], True where a row must not see a key (every row sees at least one) -> [I, M, D].
+    """q [I, M, D], k/v [I, L, D], all float32 or all bfloat16, L a multiple of KV_CHUNK; `hidden`
+    broadcasts to [I, M, L], True where a row must not see a key (every row sees at least one) ->
+    [I, M, D] float32. q comes scaled, or `scale` multiplies the float32 scores (bfloat16: q is not
+    rounded again).
 
     With `real`, only rows < real are results and q's other rows must be zero (the row padding): the
     elementwise softmax work skips them (their scores stay 0, so they add nothing to the GEMMs) and
     their output rows are left unnormalised. A real row gets the same bits either way (the skipped
     rows change no GEMM row and no elementwise op of a real row); decode passes its GQA group."""
-    s = torch.bmm(q, k.transpose(1, 2))
+    s = torch.bmm(q, k.transpose(1, 2)).float()  # [I, M, L] float32 (no copy when q is float32)
+    if scale is not None:
+        s.mul_(scale)
     r = s if real is None else s[:, :real]  # [I, real, L]
     if cap is not None:
         r.copy_(cap[1](r / cap[0]) * cap[0])
     r.masked_fill_(hidden if hidden.shape[1] == 1 or real is None else hidden[:, :real], float("-inf"))
     r.sub_(r.amax(-1, keepdim=True)).exp_()
-    o = torch.bmm(s[:, :, :KV_CHUNK], v[:, :KV_CHUNK])
+    e = s.to(q.dtype)  # the GEMMs' operand: s itself in float32
+    o = torch.bmm(e[:, :, :KV_CHUNK], v[:, :KV_CHUNK]).float()
     total = r[:, :, :KV_CHUNK].sum(-1)
     for c in range(KV_CHUNK, s.shape[-1], KV_CHUNK):
-        o.add_(torch.bmm(s[:, :, c : c + KV_CHUNK], v[:, c : c + KV_CHUNK]))
+        o.add_(torch.bmm(e[:, :, c : c + KV_CHUNK], v[:, c : c + KV_CHUNK]))
         total.add_(r[:, :, c : c + KV_CHUNK].sum(-1))
     (o if real is None else o[:, :real]).div_(total.unsqueeze(-1))
     return o
@@ -100,10 +129,15 @@ def decode(q: torch.Tensor, kv: torch.Tensor, keys: DecodeKeys, scale: float, ca
     B, Hq, D = q.shape
     Hkv, L = keys.heads, keys.hidden.shape[-1]
     group = Hq // Hkv
+    dt = gemm_dtype(q)
+    k, v = kv.view(2, -1, D).index_select(1, keys.rows).view(2, Hkv * B, L, D).to(dt).unbind(0)
+    if dt == torch.bfloat16:  # no row padding, q not rescaled: the scores are scaled in float32
+        qg = q.view(B, Hkv, group, D).transpose(0, 1).reshape(Hkv * B, group, D)
+        o = attend(qg, k, v, keys.hidden, cap, scale=scale)  # [Hkv*B, group, D]
+        return o.view(Hkv, B, group, D).transpose(0, 1).reshape(B, Hq * D).to(q.dtype)
     rows = invariant.tiled(group)
     qp = q.new_zeros(Hkv, B, rows, D, dtype=torch.float32)
     qp[:, :, :group] = (q.float() * scale).view(B, Hkv, group, D).transpose(0, 1)
-    k, v = (kv[i].view(-1, D).index_select(0, keys.rows).view(Hkv * B, L, D).float() for i in (0, 1))
     o = attend(qp.view(Hkv * B, rows, D), k, v, keys.hidden, cap, real=group)
     return o.view(Hkv, B, rows, D)[:, :, :group].transpose(0, 1).reshape(B, Hq * D).to(q.dtype)
 
@@ -169,21 +203,24 @@ def _prefill_blocks(
     dev = q.device
     q_rows, k_starts, firsts, counts = (torch.tensor(c, device=dev).unsqueeze(1) for c in zip(*blocks, strict=True))
     nq = int(counts.max())
-    rows, keys = invariant.tiled(nq * group), padded_keys(int((firsts + counts).max()))
+    dt = gemm_dtype(q)
+    rows, keys = invariant.tiled(nq * group, row_tile(dt)), padded_keys(int((firsts + counts).max()))
     step = torch.arange(nq, device=dev)
     queries = (q_rows + torch.minimum(step, counts - 1)).flatten()  # [Bn*nq] token rows
     key_rows = (k_starts + torch.minimum(torch.arange(keys, device=dev), firsts + counts - 1)).flatten()
-    qp = q.new_zeros(len(blocks), Hkv, rows, D, dtype=torch.float32)
-    qs = (q.index_select(0, queries).float() * scale).view(len(blocks), nq, Hkv, group, D)
+    qp = q.new_zeros(len(blocks), Hkv, rows, D, dtype=dt)
+    qs = q.index_select(0, queries).to(dt)
+    qs = (qs if dt == torch.bfloat16 else qs * scale).view(len(blocks), nq, Hkv, group, D)  # bf16: scaled later
     qp[:, :, : nq * group] = qs.transpose(1, 2).reshape(len(blocks), Hkv, nq * group, D)
     kp, vp = (t.index_select(0, key_rows).view(len(blocks), keys, Hkv, D).transpose(1, 2) for t in (k, v))
-    kp, vp = (t.float().reshape(len(blocks) * Hkv, keys, D) for t in (kp, vp))
+    kp, vp = (t.to(dt).reshape(len(blocks) * Hkv, keys, D) for t in (kp, vp))
     pos = firsts + torch.minimum(torch.arange(rows, device=dev).div(group, rounding_mode="floor"), counts - 1)
     key = torch.arange(keys, device=dev)
     hidden = key > pos.unsqueeze(-1)  # [Bn, rows, keys]; keys past a block's own are past its last query
     if window is not None:
         hidden |= key <= pos.unsqueeze(-1) - window
-    o = attend(qp.view(len(blocks) * Hkv, rows, D), kp, vp, hidden.repeat_interleave(Hkv, dim=0), cap)
+    hidden = hidden.repeat_interleave(Hkv, dim=0)
+    o = attend(qp.view(len(blocks) * Hkv, rows, D), kp, vp, hidden, cap, scale=scale if dt == torch.bfloat16 else None)
     o = o.view(len(blocks), Hkv, rows, D)[:, :, : nq * group].view(len(blocks), Hkv, nq, group, D)
     o = o.transpose(1, 2).reshape(len(blocks) * nq, Hq * D)
     real = (step < counts).flatten().nonzero().flatten()
