@@ -77,4 +77,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def silu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(x) as x / (1 + exp(-x)) in float32, one formula for every element."""
     h = x.float()
-    return (h / torch.exp(-h).add_(1)).to(x.dtype)
+    e = torch.neg(h).exp_().add_(1)  # in place from here on: the same ops and bits, fewer allocations
+    return torch.div(h, e, out=e).to(x.dtype)

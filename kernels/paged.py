@@ -56,11 +56,12 @@ def build_paged_meta(
     if block_size < 1 or min(lens) < 1:
         raise ValueError(f"block_size and every sequence length must be >= 1, got {block_size} and {min(lens)}")
     width = max_blocks if max_blocks is not None else -(-max(lens) // block_size)
-    table = torch.zeros(len(lens), width, dtype=torch.int64)
+    rows = []
     for b, (blocks, n) in enumerate(zip(block_tables, lens, strict=True)):
         need = -(-n // block_size)
         if len(blocks) < need or need > width:
             raise ValueError(f"sequence {b} has {n} keys: it needs {need} blocks, has {len(blocks)} (width {width})")
-        table[b, :need] = torch.tensor(list(blocks[:need]), dtype=torch.int64)
+        rows.append(list(blocks[:need]) + [0] * (width - need))
+    table = torch.tensor(rows, dtype=torch.int64)  # [B, width], one tensor built from python lists
     lens_t = torch.tensor(lens, dtype=torch.int64)
     return PagedMeta(table.to(device), lens_t.to(device), block_size, pad_row, max(lens))

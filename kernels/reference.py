@@ -32,8 +32,10 @@ pass, far below the shrink's [T, K] x [K, r] (tests/test_adapter_mixes.py times 
 Tokens with slot -1 get y[t] = 0 and leave out[t] untouched; so do slots of rank 0. The operands
 of one op share one floating dtype (x and A; y, B and out). The sums are taken in float32; shrink
 returns y in x's dtype and expand rounds the float32 sum `out + update` once into out's dtype.
-Columns of out outside [offset, offset + N) never change. The argument checks here are shared by
-every backend (the dispatcher calls them).
+Columns of out outside [offset, offset + N) never change. Any operand may be a strided view: y one
+sub-projection's column slice of a grouped shrink (`MultiLoraLinear`) or an interleaved
+view, out a slice of a wider output. The argument checks here are shared by every backend
+(the dispatcher calls them).
 """
 
 from __future__ import annotations

@@ -179,12 +179,15 @@ def test_rank_wider_than_one_tile(backend, request):
 
 @pytest.mark.parametrize("backend", TORCH_BACKENDS + TRITON_BACKENDS)
 @pytest.mark.parametrize("spread", ["even", "zipf", "shuffled"])
-def test_expand_reads_a_strided_y(backend, spread, request):
-    """y may be a column slice of a wider shrink result (stacked q/k/v A's): only strides differ."""
+@pytest.mark.parametrize("form", ["slice", "interleaved"])
+def test_expand_reads_a_strided_y(backend, spread, form, request):
+    """y may be a view of a wider shrink result: a column slice (one sub-projection's columns of
+    `MultiLoraLinear`'s grouped shrink), or an interleaved view (column i*J + j, J = 3): only strides differ."""
     slots, S = spread_slots(spread, 64, random.Random(2))
     case = make_case(torch.float32, 8, slots, S, seed=5)
     wide = torch.randn(64, 24)
-    run_both(backend, request, case, [8, 2, 0, 8, 5, 8, 8, 3], y=wide[:, 8:16])
+    y = wide[:, 8:16] if form == "slice" else wide.view(64, 8, 3)[:, :, 1]  # [64, 8], strides (24, 1) or (24, 3)
+    run_both(backend, request, case, [8, 2, 0, 8, 5, 8, 8, 3], y=y)
 
 
 def test_offset_zero_and_flush_right():

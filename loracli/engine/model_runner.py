@@ -179,9 +179,7 @@ class ModelRunner:
             return meta
         keys = -(-max(len(s) for s in seqs) // tile) * tile  # the longest sequence, padded to the key tile
         width = -(-keys // bs)
-        table = torch.zeros(len(seqs), width, dtype=torch.int64)
-        for i, seq in enumerate(seqs):
-            table[i, : len(seq.block_table)] = torch.tensor(seq.block_table[:width])
+        table = torch.tensor([_padded(s.block_table, width) for s in seqs], dtype=torch.int64)  # [B, width]
         offs = torch.arange(keys)
         gather = table[:, offs // bs] * bs + offs % bs  # [B, L]
         lens = torch.tensor([len(s) for s in seqs])
@@ -191,6 +189,11 @@ class ModelRunner:
         meta = AttnMeta(False, self._tensor(rows), [1] * len(seqs), gather.to(dev), mask[:, None, None, :].to(dev))
         meta.key_lens = lens.to(dev)
         return meta
+
+
+def _padded(blocks: list[int], width: int) -> list[int]:
+    """A block table cut or zero-padded to `width` entries."""
+    return blocks[:width] + [0] * (width - len(blocks))
 
 
 def _lora_pass(

@@ -24,6 +24,11 @@ so outputs match it token for token. One layer, with the family's options (`Mode
                                                        (a MoE layer: x = x + moe(mlp_norm(x)), `moe.MoeBlock`)
     logits = lm_head(norm(x)) [-> cap * tanh(logits / cap): Gemma 2]
 
+Few small ops per layer (each costs a dispatch on a [T, H] tensor): q and k are rotated in one
+`apply_rope` call where they are adjacent in the qkv output (no q/k norm), the residual adds and
+the gate's product are in place, and the RoPE lookup is done once per step: the same bits as the
+plain expressions above.
+
 `deterministic=True` makes every token's logits a function of its own sequence only (batch
 size, batch mix, slot placement, prefill or decode): the linears, lm_head and LoRA ops run on
 row-padded GEMMs (`loracli.kernels.invariant`, `LoraMeta.invariant`), SiLU, GELU and tanh use
@@ -237,17 +242,19 @@ class CausalLM:
             x = x * self.embed_scale
         norm, eps = self.norm_fn, s.rms_eps
         ends = step_ends(positions, attn.seq_lens, attn.is_prefill) if self.rope.switch is not None else None
-        tables = self.rope.lookup(positions, ends)  # kind -> cos, sin [T, R]
-        q_n, kv_n = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        tables = self.rope.lookup(positions, ends)  # kind -> cos, signed sin [T, 1, R]
+        hq, hkv, qk_n = s.num_heads, s.num_kv_heads, (s.num_heads + s.num_kv_heads) * s.head_dim
         for layer, kv, layer_attn in zip(self.layers, self.kv, self.attn, strict=True):
             qkv = layer.qkv(norm(x, layer.input_norm, eps), lora)  # [T, (Hq + 2 Hkv) D]
-            q = qkv[:, :q_n].view(-1, s.num_heads, s.head_dim)
-            k = qkv[:, q_n : q_n + kv_n].view(-1, s.num_kv_heads, s.head_dim)
-            v = qkv[:, q_n + kv_n :].view(-1, s.num_kv_heads, s.head_dim)
-            if layer.q_norm is not None:  # per head, before RoPE
-                q, k = norm(q, layer.q_norm, eps), norm(k, layer.k_norm, eps)
+            qk = qkv[:, :qk_n].view(-1, hq + hkv, s.head_dim)  # q | k heads, adjacent in each row
+            v = qkv[:, qk_n:].view(-1, hkv, s.head_dim)
             cos, sin = tables[layer.rope_kind]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if layer.q_norm is None:  # one RoPE call over q and k
+                qk = apply_rope(qk, cos, sin)
+                q, k = qk[:, :hq], qk[:, hq:]
+            else:  # per head norms, before RoPE
+                q = apply_rope(norm(qk[:, :hq], layer.q_norm, eps), cos, sin)
+                k = apply_rope(norm(qk[:, hq:], layer.k_norm, eps), cos, sin)
             kv[0].index_copy_(0, attn.slot_mapping, k)
             kv[1].index_copy_(0, attn.slot_mapping, v)
             if attn.is_prefill:
@@ -255,9 +262,9 @@ class CausalLM:
             else:
                 a = attention.decode(q, kv, attn, layer_attn, self.deterministic)
             a = layer.o(a, lora)
-            x = x + (a if layer.attn_out_norm is None else norm(a, layer.attn_out_norm, eps))
+            x.add_(a if layer.attn_out_norm is None else norm(a, layer.attn_out_norm, eps))  # x: new this step
             m = self._mlp(layer, norm(x, layer.mlp_norm, eps), lora)
-            x = x + (m if layer.mlp_out_norm is None else norm(m, layer.mlp_out_norm, eps))
+            x.add_(m if layer.mlp_out_norm is None else norm(m, layer.mlp_out_norm, eps))
         return norm(x, self.norm, eps)
 
     def _mlp(self, layer: Layer, h: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
@@ -266,7 +273,7 @@ class CausalLM:
             return layer.moe(h, lora, self.dense, self.act, self.deterministic)
         gu = layer.gate_up(h, lora)  # [T, 2I]: gate | up
         inter = self.spec.intermediate
-        return layer.down(self.act(gu[:, :inter]) * gu[:, inter:], lora)
+        return layer.down(self.act(gu[:, :inter]).mul_(gu[:, inter:]), lora)  # act's output is a new tensor
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, slots: list[int] | None = None) -> torch.Tensor:

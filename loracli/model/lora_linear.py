@@ -24,11 +24,22 @@ like the part's LoRA term. Both tables are zero for plain slots; they count in `
 Buffers are allocated once per slot count (`resize`) and written only on adapter activation.
 `merge(slot)` folds one slot's adapter into `weight` (W = (1 + gm1) * W0 + B @ A per row, PEFT's
 g * (W0 + scale * B @ A)) and its bias delta into `bias`, keeping the originals for `unmerge`.
-The ops run on the first `max(ranks[j])` rank columns only (views, no copy), so a rank-16 mix
-costs rank-16 FLOPs even when `max_rank` is 64. `dense` computes the base term: `F.linear`, or in
+The LoRA term of all sub-projections is one shrink, x[t] @ [A[0][k, :r]; ...; A[J-1][k, :r]].T ->
+y [T, J*r] (sub j's ranks at columns [j*r, j*r + r), r the largest rank of any sub-projection and
+slot), then one expand per sub-projection from its columns y[:, j*r : j*r + w_j] (w_j =
+max(ranks[j])), adding straight into out's columns of j. So a rank-16 mix costs rank-16 FLOPs even
+when `max_rank` is 64. The ops get no ranks, every slot is read at the op's width: `set_slot`
+zeroes A and B past a slot's rank, so those columns add exact zeros (for finite activations)
+and no rank mask runs. The ops' weights are dense copies of the rank slices (`_operands`), made
+on the first step after the adapters change and kept until `set_slot` or `resize`: a slice of a
+max_rank-wide buffer has gaps between slots, which torch's bfloat16 CPU bmm would copy on every
+call. They take at most the size of the buffers (r / max_rank of A, w_j / max_rank of B, nothing
+for a full-width B) and are not counted in `ModelSpec.slot_bytes`. `dense` computes the base term: `F.linear`, or in
 deterministic mode the row-invariant `loracli.kernels.invariant.linear`. In deterministic mode
-(`LoraMeta.invariant`) the rank columns are rounded up to whole tiles of `invariant.RANK_TILE` (at
-most `max_rank`), so a slot's results do not change when an adapter of another rank comes or goes.
+(`LoraMeta.invariant`) r and every w_j are rounded up to whole tiles of `invariant.RANK_TILE` (at
+most `max_rank`), so a slot's results do not change when an adapter of another rank comes or goes;
+the shrink's J*r columns are whole tiles as well, and a column's bits do not depend on how many
+tiles its GEMM has (`kernels.invariant`), so grouping the shrink changed no bit.
 """
 
 from __future__ import annotations
@@ -66,6 +77,7 @@ class MultiLoraLinear:
         self.A: list[torch.Tensor] = []
         self.B: list[torch.Tensor] = []
         self.ranks: list[list[int]] = []
+        self.dense_ops: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}  # see `_operands`
         self.gm1: list[torch.Tensor] = []  # per j [S, n_j]: DoRA g - 1, zero for other slots
         self.bias_delta: list[torch.Tensor] = []  # per j [S, n_j]: the slot's bias change, zero when none
         self.dora: list[list[bool]] = []  # per j, per slot: gm1 is in use
@@ -88,6 +100,7 @@ class MultiLoraLinear:
         self.A = [torch.empty(n_slots, R, self.in_features, device=dev, dtype=dt) for _ in self.splits]
         self.B = [torch.empty(n_slots, n, R, device=dev, dtype=dt) for n in self.splits]
         self.ranks = [[0] * n_slots for _ in self.splits]
+        self.dense_ops = {}
         old_extras = (self.gm1, self.bias_delta, self.dora, self.biased)
         self.gm1 = [torch.zeros(n_slots, n, device=dev, dtype=dt) for n in self.splits]
         self.bias_delta = [torch.zeros(n_slots, n, device=dev, dtype=dt) for n in self.splits]
@@ -159,6 +172,7 @@ class MultiLoraLinear:
         With a DoRA `magnitude` [n_j], g is formed from the base weight, b stored as g * b, and g - 1 kept.
         """
         r = 0 if a is None else a.shape[0]
+        self.dense_ops = {}
         self.dora[j][slot] = magnitude is not None and a is not None and b is not None and r > 0
         if self.dora[j][slot]:
             g = self.dora_factor(j, a, b, magnitude)  # [n_j] float32
@@ -198,28 +212,52 @@ class MultiLoraLinear:
         out = self.dense(x, self.weight, self.bias)  # [T, N]
         if meta is None or not meta.any_lora:
             return out
-        for j in range(len(self.splits)):
-            extra = self._extra_term(j, out, meta)  # from the dense term, before any LoRA term is added
-            self._add_lora(j, x, out, meta)
+        extras = [self._extra_term(j, out, meta) for j in range(len(self.splits))]  # from the dense term
+        self._add_lora(x, out, meta)
+        for j, extra in enumerate(extras):
             if extra is not None:
                 rows, term = extra
                 cols = out[:, self.offsets[j] : self.offsets[j] + self.splits[j]]
                 cols.copy_(torch.where(rows[:, None], cols + term, cols))
         return out
 
-    def _add_lora(self, j: int, x: torch.Tensor, out: torch.Tensor, meta: LoraMeta) -> None:
-        """out[:, place_j] += each token's x @ A.T @ B.T of sub-projection j (weighted per part of a mix)."""
-        ranks = self.ranks[j]
-        r = max(ranks)  # buffers are zero past each slot's rank: compute only r <= R columns
+    def _rank_columns(self, ranks: list[int], meta: LoraMeta) -> int:
+        """The rank columns an op computes for `ranks`: their max (buffers are zero past each slot's rank),
+        in deterministic mode rounded up to whole `invariant.RANK_TILE`s (at most `max_rank`)."""
+        r = max(ranks)
+        return min(self.max_rank, invariant.tiled(r, invariant.RANK_TILE)) if meta.invariant and r else r
+
+    def _add_lora(self, x: torch.Tensor, out: torch.Tensor, meta: LoraMeta) -> None:
+        """out[:, place_j] += each token's x @ A[j].T @ B[j].T for every sub-projection j (weighted per part
+        of a mix): one shrink of all J sub-projections at once, then one expand per sub-projection."""
+        widths = [self._rank_columns(ranks, meta) for ranks in self.ranks]  # each expand's rank columns
+        r = max(widths)  # the shrink's rank columns per sub-projection
         if r == 0:
             return
-        if meta.invariant:
-            r = min(self.max_rank, invariant.tiled(r, invariant.RANK_TILE))
+        A, B = self._operands(r, widths)  # [S, J*r, in], per j [S, n_j, widths[j]]
         for part in meta.passes():  # one pass, or one per adapter of a mix (weighted)
-            y = lora_shrink(x, self.A[j][:, :r], part, ranks)  # [T, r]
+            y = lora_shrink(x, A, part)  # [T, J*r]: sub j's ranks at columns [j*r, j*r + r)
             if part.token_weight is not None:  # a batch with mixes: each token's weight for this part
                 lora_weigh(y, part)
-            lora_expand(y, self.B[j][:, :, :r], part, out, self.offsets[j], ranks)
+            for j, w in enumerate(widths):
+                if w:
+                    lora_expand(y[:, j * r : j * r + w], B[j], part, out, self.offsets[j])
+
+    def _operands(self, r: int, widths: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(A [S, J*r, in], per j B[j] [S, n_j, widths[j]]): the ops' weights, dense (no gaps between slots).
+
+        A stacks the first r rank rows of every sub-projection, sub j at rows [j*r, j*r + r). The rank
+        slices of the buffers have gaps between slots, which torch's bfloat16 CPU bmm copies on every
+        call; so the operands are copied here once per rank width and reused until `set_slot` or `resize`
+        changes a buffer (at r = max_rank, a B, or the A of a single sub-projection, is the buffer itself).
+        """
+        key = (r, *widths)
+        ops = self.dense_ops.get(key)
+        if ops is None:
+            A = torch.cat([a[:, :r] for a in self.A], dim=1) if len(self.A) > 1 else self.A[0][:, :r].contiguous()
+            B = [b[:, :, :w].contiguous() for b, w in zip(self.B, widths, strict=True)]
+            ops = self.dense_ops[key] = (A, B)
+        return ops
 
     def _extra_term(self, j: int, out: torch.Tensor, meta: LoraMeta) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows [T] bool, term [T, n_j]): gm1 * (x @ W_j.T) + bias_delta of each token's slot, on the rows

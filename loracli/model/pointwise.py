@@ -25,16 +25,19 @@ Norm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) in float32, a new tensor (x itself is never written)."""
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    inv = h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # [T, 1]
+    return h.mul_(inv) if h is not x else h * inv
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _normalised(x, eps).to(x.dtype).mul_(weight)
 
 
 def rms_norm_1p(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (h * (1.0 + weight.float())).to(x.dtype)
+    return _normalised(x, eps).mul_(1.0 + weight.float()).to(x.dtype)
 
 
 NORMS: dict[str, Norm] = {"rms": rms_norm, "rms1p": rms_norm_1p}

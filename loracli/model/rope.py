@@ -1,8 +1,13 @@
 """Rotary position embedding: cos/sin tables from transformers' own rotary class, looked up per token.
 
     RopeTables(config, spec, max_len, dtype, device)
-    .lookup(positions [T], ends [T]) -> {kind: (cos [T, R], sin [T, R])}      R = rotary dims <= head_dim
-    apply_rope(x [T, heads, D], cos [T, R], sin [T, R]) -> [T, heads, D]     rotate-half on the first R dims
+    .lookup(positions [T], ends [T]) -> {kind: (cos [T, 1, R], sin [T, 1, R])}   R = rotary dims <= head_dim
+    apply_rope(x [T, heads, D], cos [T, 1, R], sin [T, 1, R]) -> [T, heads, D]  rotate-half on the first R dims
+
+`sin` comes with its first half negated (`signed_sin`), so rotate-half is a roll:
+x * cos + rotate_half(x) * sin == x * cos + roll(x, R/2) * signed_sin, bit for bit ((-a) * b == a * (-b)
+in every dtype), in four ops over all heads. The model rotates q and k in one call where they are
+adjacent (the q|k part of the fused qkv output).
 
 The tables are what the family's rotary class (`Family.hf_module` / `rotary_class`) returns for
 positions 0..max_len-1, so every scaling transformers implements for the family (linear, dynamic,
@@ -41,7 +46,14 @@ def _table(config, spec: ModelSpec, kind: str, n: int, dtype) -> tuple[torch.Ten
     pos = torch.arange(n).unsqueeze(0)
     x = torch.zeros(1, dtype=dtype)
     cos, sin = rope(x, pos, kind) if spec.family.rope_by_layer_type else rope(x, pos)
-    return cos[0], sin[0]
+    return cos[0], signed_sin(sin[0])
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin [n, R] with its first R/2 columns negated: rotate-half's sign folded into the table."""
+    out = sin.clone()
+    out[:, : sin.shape[-1] // 2].neg_()
+    return out
 
 
 def longrope_original(config) -> int | None:
@@ -69,16 +81,16 @@ class RopeTables:
     def lookup(
         self, positions: torch.Tensor, ends: torch.Tensor | None
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each kind's cos, sin [T, R] at `positions`; `ends` [T]: see the module docstring (longrope only)."""
+        """Each kind's cos, signed sin [T, 1, R] at `positions`; `ends` [T]: see the module docstring (longrope)."""
         if self.switch is None or ends is None:
-            return {k: (cos[positions], sin[positions]) for k, (cos, sin) in self.short.items()}
-        use_long = (ends > self.switch).unsqueeze(1)  # [T, 1]
+            return {k: (cos[positions, None], sin[positions, None]) for k, (cos, sin) in self.short.items()}
+        use_long = (ends > self.switch)[:, None, None]  # [T, 1, 1]
         short_pos = positions.clamp(max=self.switch - 1)  # tokens past the short table take the long one
         out = {}
         for k, (cos_l, sin_l) in self.long.items():
             cos_s, sin_s = self.short[k]
-            cos = torch.where(use_long, cos_l[positions], cos_s[short_pos])
-            sin = torch.where(use_long, sin_l[positions], sin_s[short_pos])
+            cos = torch.where(use_long, cos_l[positions, None], cos_s[short_pos, None])
+            sin = torch.where(use_long, sin_l[positions, None], sin_s[short_pos, None])
             out[k] = (cos, sin)
         return out
 
@@ -93,10 +105,10 @@ def step_ends(positions: torch.Tensor, seq_lens: list[int], is_prefill: bool) ->
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos/sin [T, R], R <= D (partial rotary: the last D - R dims pass through)."""
+    """x [T, heads, D] (any strides); cos/signed sin [T, 1, R], R <= D (partial rotary: the last D - R
+    dims pass through) -> a new [T, heads, D]."""
     r = cos.shape[-1]
-    rot, rest = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
-    half = r // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = rot * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
-    return out if rest is None else torch.cat((out, rest), dim=-1)
+    rot = x if r == x.shape[-1] else x[..., :r]
+    out = rot * cos
+    out.add_(rot.roll(r // 2, dims=-1).mul_(sin))  # rotate_half(rot) * sin, the sign in the table
+    return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)
