@@ -4,19 +4,20 @@ Two strategies; `use_bmm` picks one per op and step (cached on the meta). With `
 (deterministic mode) both compute a token's row with the same GEMM, whose bits do not follow the
 batch: the grid's width, and each run's rows in ``runs`` (`shrink_tiled`, `expand_tiled`), are
 padded to whole tiles of `invariant.ROW_TILE`; every slot uses all R rank columns (the caller pads
-R to whole `invariant.RANK_TILE`s, see `MultiLoraLinear`; columns past a slot's rank are masked); the expand
-adds into `out` with one rounding. Measured here: such a GEMM gives a row the same bits whatever
+R to whole `invariant.RANK_TILE`s, see `MultiLoraLinear`; with `ranks`, columns past a slot's rank
+are masked); the expand adds into `out` with one rounding. Measured here: such a GEMM gives a row the same bits whatever
 the rows per slot, the number of slots and the rank width, and `mm` equals one item of `bmm`
 (`addmm_` one of `baddbmm_`), so the cost model may still pick either strategy.
 
 * ``runs``: one GEMM per slot run on contiguous slices (plus one gather of the batch and one
-  gather-back of the results when `meta.order` is set). FLOPs are exactly the useful ones and
-  every slot runs at its real rank `ranks[slot]`, so rank padding costs memory, never FLOPs. But
+  gather-back of the results when `meta.order` is set). With `ranks`, every slot runs at its
+  real rank `ranks[slot]`, so rank padding costs memory, never FLOPs; without (`MultiLoraLinear`,
+  whose buffers are zero past each slot's rank), every slot runs at the op's R columns. But
   each run is one small GEMM call per op, and on CPU a small GEMM has a fixed cost of ~5 us (fp32)
   to ~20 us (bf16), which dominates short runs.
 * ``bmm``: tokens padded into a [G, L] grid (G used slots, L = most tokens of one slot), then one
-  `bmm` per op however many slots there are. Ranks are applied as a mask, so a slot of rank
-  r < R costs R columns of FLOPs, and padding cells cost FLOPs too. When the tokens are already
+  `bmm` per op however many slots there are. `ranks`, when given, are applied as a mask; either
+  way a slot of rank r < R costs R columns of FLOPs, and padding cells cost FLOPs too. When the tokens are already
   sorted by slot in equal counts (the model runner's usual batch) the grid is `x` itself: no copy.
   The expand adds into `out` in the bmm (`baddbmm_`), so the sum is rounded once either way.
 

@@ -158,10 +158,16 @@ def test_decode_attention_ignores_the_other_sequences(threads, dtype):
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
 @pytest.mark.parametrize("window", [None, 20])
-def test_a_prefill_row_equals_the_decode_of_that_token(threads, dtype, window, monkeypatch):
+@pytest.mark.parametrize("bf16_gemms", [True, False], ids=["bf16-gemms", "float32-gemms"])
+def test_a_prefill_row_equals_the_decode_of_that_token(threads, dtype, window, bf16_gemms, monkeypatch):
     """Row t of a prefill (alone, in several query blocks, or beside other sequences, in one shared
     attend or several) has the bits of the decode step for token t over keys 0..t: what makes a
-    recomputed sequence match its decode."""
+    recomputed sequence match its decode. In bfloat16, also on the float32 path a machine whose
+    bfloat16 GEMMs are not row-invariant takes."""
+    bf16_gemms = bf16_gemms and fixed_attention.bf16_attend_invariant()  # what this machine allows
+    monkeypatch.setattr(fixed_attention, "bf16_attend_invariant", lambda: bf16_gemms)
+    want = torch.bfloat16 if dtype == torch.bfloat16 and bf16_gemms else torch.float32
+    assert fixed_attention.gemm_dtype(torch.zeros(1, dtype=dtype)) == want
     monkeypatch.setattr(fixed_attention, "QUERY_BLOCK", 48)  # the 150-token sequence spans 4 blocks
     monkeypatch.setattr(fixed_attention, "BATCH_QUERIES", 64)  # the short ones: two shared attends
     gen = torch.Generator().manual_seed(4)

@@ -18,7 +18,8 @@ bfloat16 model on the CPU and in float32 otherwise (`gemm_dtype`); softmax and s
    added in ascending order: every chunk is a GEMM of the same depth, and the chunks past a row's
    last key add exact zeros, so neither the padded length nor the other rows change the sums
    (in bfloat16, e_c is rounded to bfloat16 for its GEMM, as transformers' eager attention rounds
-   its probabilities, and each chunk's product is added in float32);
+   its probabilities, while l sums the unrounded e_c; each chunk's product, rounded to bfloat16 by
+   its GEMM, is added in float32);
 4. o / l, cast to the model dtype.
 
 Every GEMM has a depth of D (scores) or `KV_CHUNK` (outputs). In float32 (MKL's GEMM) its row
@@ -26,8 +27,8 @@ count is a multiple of `invariant.ROW_TILE`: shapes at which a row's bits were m
 vary (see `loracli.kernels.invariant`). In bfloat16 (oneDNN's GEMM) a row's bits were measured
 the same at every row count (1-1024), item count (1-300), key count (64-1024) and thread count
 (1, 2) on an AVX-512-BF16 EPYC, so its rows are not padded and K/V are not copied to float32
-(2-3x faster decode attention there; the `--dtype auto` probe re-checks this on the machine it
-runs on, `loracli.devices`). A decode step's query is one token
+(2-3x faster decode attention there). Each process checks this once on the machine it runs on
+(`bf16_attend_invariant`) and keeps the float32 path where it does not hold. A decode step's query is one token
 (its GQA query heads, padded to whole row tiles in float32); a prefill's are all of a sequence's tokens: the
 same row math either way, so a sequence recomputed by a prefill after preemption gets the KV cache
 and logits its decode steps gave, and a prefill over a cached prefix (`contexts`: its keys read
@@ -40,6 +41,7 @@ Memory: one `attend`'s scores, [items, rows, keys] float32 (see
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
@@ -60,9 +62,22 @@ def padded_keys(n: int) -> int:
 
 
 def gemm_dtype(q: torch.Tensor) -> torch.dtype:
-    """The dtype attention's GEMMs run in for queries `q`: bfloat16 on the CPU (where its row
-    invariance was measured), float32 for any other dtype or device."""
-    return torch.bfloat16 if q.dtype == torch.bfloat16 and q.device.type == "cpu" else torch.float32
+    """The dtype attention's GEMMs run in for queries `q`: bfloat16 on the CPU when this machine's
+    bfloat16 GEMMs are row-invariant (`bf16_attend_invariant`), else float32 (any other dtype or device)."""
+    cpu_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu"
+    return torch.bfloat16 if cpu_bf16 and bf16_attend_invariant() else torch.float32
+
+
+@functools.cache
+def bf16_attend_invariant() -> bool:
+    """Whether `attend` in bfloat16 gives a row the same bits at 3 and 48 rows, 1 and 8 items, 64 and
+    256 keys on this machine (checked once per process, ~0.1 s; `--dtype auto`'s probe asks it too)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, n, 64, generator=gen).bfloat16() for n in (48, 256, 256))
+    hidden = torch.zeros(1, 1, 256, dtype=torch.bool)
+    hidden[..., 64:] = True  # the keys past 64 hidden: a 64-key call must give the same bits
+    full = attend(q, k, v, hidden, scale=0.125)
+    return torch.equal(attend(q[:1, :3], k[:1, :64], v[:1, :64], hidden[..., :64], scale=0.125), full[:1, :3])
 
 
 def row_tile(dtype: torch.dtype) -> int:
