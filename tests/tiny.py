@@ -60,19 +60,7 @@ def make_model(folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder)
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id,
-    )
+    common = small_fields(tok, intermediate_size=128, num_hidden_layers=layers)
     if arch == "llama":
         config = LlamaConfig(tie_word_embeddings=bool(tie), rope_theta=10000.0, **common)
     elif arch == "qwen2":
@@ -91,15 +79,9 @@ def make_model(folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2
     return folder
 
 
-def make_config_model(folder: Path, cls_name: str, seed: int, noise: tuple[Callable[[str], bool], float], **config):
-    """A random model of transformers' config class `cls_name` (a small shape, `config` overriding
-    or adding fields) with the test tokenizer, saved in float32 safetensors. `noise` = (which, std):
-    the parameters `which(name)` picks get N(0, std²) added (norms away from their init, biases
-    non-zero), so a wrong formula for them shows."""
-    import transformers
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(folder)
+def small_fields(tok, **overrides) -> dict:
+    """The small shape every test model starts from, with the test tokenizer's ids; `overrides`
+    change or add transformers config fields."""
     fields = dict(
         vocab_size=len(tok),
         hidden_size=64,
@@ -113,9 +95,21 @@ def make_config_model(folder: Path, cls_name: str, seed: int, noise: tuple[Calla
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.eos_token_id,
     )
+    return {**fields, **overrides}
+
+
+def make_config_model(folder: Path, cls_name: str, seed: int, noise: tuple[Callable[[str], bool], float], **config):
+    """A random model of transformers' config class `cls_name` (a small shape, `config` overriding
+    or adding fields) with the test tokenizer, saved in float32 safetensors. `noise` = (which, std):
+    the parameters `which(name)` picks get N(0, std²) added (norms away from their init, biases
+    non-zero), so a wrong formula for them shows."""
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(folder)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
-        getattr(transformers, cls_name)(**{**fields, **config}), torch_dtype=torch.float32
+        getattr(transformers, cls_name)(**small_fields(tok, **config)), torch_dtype=torch.float32
     )
     which, std = noise
     with torch.no_grad():
