@@ -66,6 +66,9 @@ class EngineConfig:
     deterministic: bool | None = None
     # Reuse the KV blocks of a prompt prefix another request of the same adapter computed (engine/block_manager.py).
     enable_prefix_caching: bool = True
+    # Admit new prompts into decode steps: one forward holds the running sequences' next tokens and the
+    # new prompts (engine/scheduler.py); off, a step is all prefill or all decode.
+    mixed_prefill: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -115,6 +118,10 @@ class EngineConfig:
             raise ConfigError(
                 f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}",
                 fields=("enable_prefix_caching",),
+            )
+        if not isinstance(self.mixed_prefill, bool):
+            raise ConfigError(
+                f"mixed_prefill must be true or false, got {self.mixed_prefill!r}", fields=("mixed_prefill",)
             )
         if isinstance(self.adapters_dir, str) and (problem := where_problem(self.adapters_dir)):
             raise ConfigError(f"adapters_dir: {problem}", fields=("adapters_dir",))

@@ -73,7 +73,8 @@ class Counters:
 
     prompt_tokens: int = 0
     steps: int = 0
-    prefill_steps: int = 0
+    prefill_steps: int = 0  # steps that admitted prompts (mixed steps included)
+    mixed_steps: int = 0  # of them, those that also decoded running sequences (`mixed_prefill`)
     oom_backoffs: int = 0
     preemptions: int = 0
     disk_loads: int = 0  # adapters read from disk into the CPU cache

@@ -118,7 +118,7 @@ def test_every_run_option_is_in_a_help_panel():
     panels = {run.IO, run.MODEL, run.SAMPLING, run.SLOTS, run.MEMORY, run.MERGING, run.RAY}
     command = typer.main.get_command(app).commands["run"]
     options = [p for p in command.params if p.param_type_name == "option"]
-    assert len(options) == 53
+    assert len(options) == 54
     assert {p.name: p.rich_help_panel for p in options if p.rich_help_panel not in panels} == {}
 
 

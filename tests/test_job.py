@@ -194,10 +194,10 @@ def test_out_of_memory_backs_off_and_gives_the_same_results(engine, llama_dir, l
     squeezed = tiny_engine(llama_dir, llama_adapters)
     real_run = squeezed.model_runner.run
 
-    def small_memory(seqs, is_prefill):
-        if len(seqs) > 2:
+    def small_memory(seqs, is_prefill, decode=None):
+        if len(seqs) + len(decode or []) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_run(seqs, is_prefill)
+        return real_run(seqs, is_prefill, decode)
 
     monkeypatch.setattr(squeezed.model_runner, "run", small_memory)
     summary = run(squeezed, inp, tmp_path / "out.jsonl", max_tokens=5)
@@ -211,10 +211,10 @@ def test_persistent_out_of_memory_fails_requests_not_the_run(llama_dir, tmp_path
     eng = tiny_engine(llama_dir)
     real_run = eng.model_runner.run
 
-    def no_memory(seqs, is_prefill):
-        if any(s.request_id == "r1" for s in seqs):
+    def no_memory(seqs, is_prefill, decode=None):
+        if any(s.request_id == "r1" for s in seqs + (decode or [])):
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB")
-        return real_run(seqs, is_prefill)
+        return real_run(seqs, is_prefill, decode)
 
     monkeypatch.setattr(eng.model_runner, "run", no_memory)
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(6, adapters=(None,)))
@@ -226,7 +226,7 @@ def test_persistent_out_of_memory_fails_requests_not_the_run(llama_dir, tmp_path
 
 def test_other_engine_exceptions_are_not_swallowed(llama_dir, tmp_path, monkeypatch):
     eng = tiny_engine(llama_dir)
-    monkeypatch.setattr(eng.model_runner, "run", lambda seqs, is_prefill: (_ for _ in ()).throw(ValueError("bug")))
+    monkeypatch.setattr(eng.model_runner, "run", lambda *step: (_ for _ in ()).throw(ValueError("bug")))
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(2, adapters=(None,)))
     with pytest.raises(ValueError, match="bug"):
         run(eng, inp, tmp_path / "out.jsonl")
@@ -321,9 +321,9 @@ def test_progress_lines_on_stderr_when_it_is_not_a_terminal(engine, tmp_path, mo
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(12))
     real_run = engine.model_runner.run
 
-    def slow(seqs, is_prefill):
+    def slow(*step):
         time.sleep(0.01)
-        return real_run(seqs, is_prefill)
+        return real_run(*step)
 
     monkeypatch.setattr(engine.model_runner, "run", slow)
     log = io.StringIO()
@@ -355,7 +355,7 @@ def test_a_failed_job_leaves_nothing_for_the_next_job_on_the_same_engine(llama_d
     eng = tiny_engine(llama_dir, llama_adapters)
     first = write_jsonl(tmp_path / "first.jsonl", prompts(6))
     real_run = eng.model_runner.run
-    eng.model_runner.run = lambda seqs, is_prefill: 1 / 0
+    eng.model_runner.run = lambda *step: 1 / 0
     with pytest.raises(ZeroDivisionError):
         run(eng, first, tmp_path / "first.out.jsonl")
     eng.model_runner.run = real_run

@@ -143,11 +143,12 @@ def test_one_failing_sample_fails_the_request_once_and_frees_the_others(llama_di
     real = eng.model_runner.run
     calls = []
 
-    def nan_in_a_sample(seqs, is_prefill):
-        logits = real(seqs, is_prefill).clone()
-        calls.append(len(seqs))
+    def nan_in_a_sample(seqs, is_prefill, decode=None):
+        logits = real(seqs, is_prefill, decode).clone()
+        rows = seqs + (decode or [])  # the logits' rows
+        calls.append(len(rows))
         if len(calls) == 3:  # a decode step of the 4 samples (and the other request)
-            logits[[i for i, s in enumerate(seqs) if s.request_id == "bad"][1]] = float("nan")
+            logits[[i for i, s in enumerate(rows) if s.request_id == "bad"][1]] = float("nan")
         return logits
 
     monkeypatch.setattr(eng.model_runner, "run", nan_in_a_sample)

@@ -147,7 +147,7 @@ def test_the_lock_is_released_when_the_job_fails_or_is_stopped(engine, tmp_path,
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(12))
     out = tmp_path / "out.jsonl"
     real_run = engine.model_runner.run
-    monkeypatch.setattr(engine.model_runner, "run", lambda seqs, is_prefill: 1 / 0)
+    monkeypatch.setattr(engine.model_runner, "run", lambda *step: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         run(engine, inp, out)
     assert not lock_file(out).exists()

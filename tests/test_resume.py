@@ -193,9 +193,9 @@ def test_engine_errors_are_retried_but_unreadable_records_are_kept(engine, tmp_p
     out = tmp_path / "out.jsonl"
     real_run = engine.model_runner.run
 
-    def poisoned(seqs, is_prefill):
-        logits = real_run(seqs, is_prefill).clone()
-        for i, s in enumerate(seqs):
+    def poisoned(seqs, is_prefill, decode=None):
+        logits = real_run(seqs, is_prefill, decode).clone()
+        for i, s in enumerate(seqs + (decode or [])):  # the logits' rows
             if s.request_id in ("r3", "r7"):
                 logits[i] = float("nan")
         return logits

@@ -40,6 +40,7 @@ FLAGS: dict[str, str] = {
     "merge_policy": "--merge-policy",
     "deterministic": "--deterministic",
     "enable_prefix_caching": "--prefix-caching",
+    "mixed_prefill": "--mixed-prefill",
     # loracli.sampling.SamplingParams: the defaults of `run` (`seed` above: the run's seed)
     "max_tokens": "--max-tokens",
     "temperature": "--temperature",

@@ -112,12 +112,23 @@ def run_command(
             rich_help_panel=MODEL,
         ),
     ] = True,
+    mixed_prefill: Annotated[
+        bool,
+        typer.Option(
+            "--mixed-prefill/--no-mixed-prefill",
+            help="Run new prompts in the same step as the running sequences' next tokens (outputs unchanged)",
+            rich_help_panel=MODEL,
+        ),
+    ] = True,
     allow_pickle: Annotated[
         bool, typer.Option(help="Allow pickle (.bin) weights: only for trusted files", rich_help_panel=MODEL)
     ] = False,
     max_num_seqs: Annotated[int, typer.Option(help="Most sequences in one batch", rich_help_panel=MODEL)] = 64,
     max_batched_tokens: Annotated[
-        int, typer.Option(help="Most prompt tokens in one prefill step", rich_help_panel=MODEL)
+        int,
+        typer.Option(
+            help="Most tokens in one step (prompts, and the decoding sequences of a mixed step)", rich_help_panel=MODEL
+        ),
     ] = 4096,
     max_model_len: Annotated[
         int | None, typer.Option(help="Context length cap (default: the model's)", rich_help_panel=MODEL)
@@ -305,6 +316,7 @@ def run_command(
         starvation_steps=starvation_steps,
         deterministic=deterministic,
         enable_prefix_caching=prefix_caching,
+        mixed_prefill=mixed_prefill,
     )
     defaults = SamplingParams(  # refuses what a record may not set either (loracli/sampling.py)
         max_tokens=max_tokens,

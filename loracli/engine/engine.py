@@ -183,11 +183,16 @@ class Engine:
         return MemoryBudget(
             total,
             self.model.weight_bytes(),
-            working_bytes(self.spec, cfg.max_batched_tokens, cfg.max_num_seqs, elem),
+            working_bytes(self.spec, self._step_tokens(), cfg.max_num_seqs, elem),
             self.model.slot_bytes(),
             self.model.kv_bytes_per_row() * cfg.block_size,
             vocab_costs(self.catalog, elem, cfg.allow_pickle, self.spec.tie_embeddings),
         )
+
+    def _step_tokens(self) -> int:
+        """Most tokens of one step but a lone long prompt: a mixed step adds a token per running sequence."""
+        cfg = self.config
+        return cfg.max_batched_tokens + (cfg.max_num_seqs if cfg.mixed_prefill else 0)
 
     def _kv_blocks(self, budget: MemoryBudget | None, slots: int) -> int:
         cfg = self.config
@@ -492,17 +497,20 @@ class Engine:
                 self.loader.wait_any()  # only requests of adapters still loading are left
             return out
         seqs = sorted(batch.seqs, key=self.model_runner.slot_of)
+        decode = sorted(batch.decode, key=self.model_runner.slot_of)  # a mixed step's decoding sequences
         t0 = time.perf_counter()
         try:
-            logits = self.model_runner.run(seqs, batch.is_prefill)
+            logits = self.model_runner.run(seqs, batch.is_prefill, decode)  # [len(seqs) + len(decode), V]
         except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
             if not is_out_of_memory(e):
                 raise
             return out + self._back_off(batch, e)
         if batch.copies:
             self.model_runner.copy_blocks(batch.copies)
+        seqs = seqs + decode
         if batch.forks:
             seqs, logits = _with_forks(seqs, logits, batch.forks)
+        self.counts.mixed_steps += bool(decode)
         out += self._postprocess(seqs, logits, batch.is_prefill, t0)
         if not self.has_work():
             self._apply(self.merger.settle(self.scheduler.step_no))
@@ -593,7 +601,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.counts.oom_backoffs += 1
-        if len(batch.seqs) == 1:
+        if len(batch.seqs) == 1 and not batch.decode:  # a mixed step is retried with mixing off
             seq = batch.seqs[0]
             self.blocks.forget(seq)  # its KV may be unwritten: out of the prefix cache
             self.scheduler.finish(seq)

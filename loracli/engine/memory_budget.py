@@ -10,11 +10,12 @@ layer; `vocab_reserve(slots)` what the adapters' own embedding / lm_head parts (
 LoRA, modules_to_save matrices: `adapter_vocab.vocab_bytes`, an upper bound from each adapter file's
 tensor shapes) can take while `slots` adapters sit in slots: the sum of the `slots` largest
 (`vocab_costs`, one per adapter that has such parts, largest first); `working` an estimate of the
-activations of the largest step:
+activations of the largest step, of `step_tokens` tokens (`max_batched_tokens`, plus `max_num_seqs`
+with `mixed_prefill`: a mixed step's decode tokens come on top of its prompts):
 
-    working = 2 * max_batched_tokens * (3 * hidden + 2 * intermediate + q + 2 kv) * elem
+    working = 2 * step_tokens * (3 * hidden + 2 * intermediate + q + 2 kv) * elem
               + max_num_seqs * vocab * 4                      (the float32 logits)
-              + 2 * max_batched_tokens * moe.working_width(hidden) * elem      (MoE families only)
+              + 2 * step_tokens * moe.working_width(hidden) * elem      (MoE families only)
 
 `kv_blocks(slots)` is what is left for the KV cache at a slot count; growing the slots by one
 costs `blocks_per_slot` blocks. The engine really reallocates both when it resizes, so the
@@ -73,9 +74,9 @@ class MemoryBudget:
         }
 
 
-def working_bytes(spec, max_batched_tokens: int, max_num_seqs: int, elem: int) -> int:
+def working_bytes(spec, step_tokens: int, max_num_seqs: int, elem: int) -> int:
     q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    acts = 2 * max_batched_tokens * (3 * spec.hidden + 2 * spec.intermediate + q + 2 * kv) * elem
+    acts = 2 * step_tokens * (3 * spec.hidden + 2 * spec.intermediate + q + 2 * kv) * elem
     if spec.moe is not None:  # a MoE block's own buffers (`MoeSpec.working_width`)
-        acts += 2 * max_batched_tokens * spec.moe.working_width(spec.hidden) * elem
+        acts += 2 * step_tokens * spec.moe.working_width(spec.hidden) * elem
     return acts + max_num_seqs * spec.vocab_size * 4

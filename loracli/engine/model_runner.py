@@ -21,6 +21,8 @@ its embedding and head parts; -1 for the base model and for mixes, which refuse 
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from ..adapter_vocab import VocabWeights
@@ -121,8 +123,11 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Forward one step; returns float32 logits [len(seqs), V] for each sequence's next token."""
+    def run(self, seqs: list[Sequence], is_prefill: bool, decode: list[Sequence] | None = None) -> torch.Tensor:
+        """Forward one step; returns float32 logits [len(seqs) + len(decode), V] for each sequence's next
+        token. A prefill's `decode` sequences (a mixed step) run their next token in the same forward,
+        after the prefill's tokens (`AttnMeta.decode`)."""
+        decode = decode or []
         if is_prefill:
             ids: list[int] = []
             pos: list[int] = []
@@ -134,27 +139,40 @@ class ModelRunner:
                 pos.extend(range(cached, n))
                 rows.extend(self.blocks.row(seq, p) for p in range(cached, n))
                 lens.append(n - cached)
-            attn = AttnMeta(True, self._tensor(rows), lens)
+            ends = list(accumulate(lens, initial=-1))[1:]  # each sequence's last token row
+            if decode:
+                d_ids, d_pos, d_rows = self._decode_inputs(decode)
+                ends += range(len(ids), len(ids) + len(decode))
+                ids, pos = ids + d_ids, pos + d_pos
+            attn = AttnMeta(True, self._tensor(rows + d_rows if decode else rows), lens)
+            if decode:
+                attn.decode = self._decode_meta(decode, d_rows)
             if any(seq.num_cached for seq in seqs):
                 attn.context_lens = [seq.num_cached for seq in seqs]
                 attn.key_rows = self._tensor([self.blocks.row(seq, p) for seq in seqs for p in range(len(seq))])
-            last = self._tensor([sum(lens[: i + 1]) - 1 for i in range(len(lens))])
+            last = self._tensor(ends)
         else:
-            ids = [seq.token_ids[-1] for seq in seqs]
-            pos = [len(seq) - 1 for seq in seqs]
-            rows = [self.blocks.row(seq, len(seq) - 1) for seq in seqs]
-            lens = [1] * len(seqs)
+            ids, pos, rows = self._decode_inputs(seqs)
             attn = self._decode_meta(seqs, rows)
             last = None
-        lora = self.lora_meta(seqs, lens)
-        vocab = [self.vocab_slot_of(seq) for seq in seqs] if self.model.vocab.any() else None
-        token_vocab = None if vocab is None else [s for s, n in zip(vocab, lens, strict=True) for _ in range(n)]
+        every = seqs + decode
+        counts = [len(seq) - seq.num_cached for seq in seqs] if is_prefill else [1] * len(seqs)
+        counts += [1] * len(decode)  # tokens of each sequence of `every` in the step
+        lora = self.lora_meta(every, counts)
+        vocab = [self.vocab_slot_of(seq) for seq in every] if self.model.vocab.any() else None
+        token_vocab = None if vocab is None else [s for s, n in zip(vocab, counts, strict=True) for _ in range(n)]
         hidden = self.model.forward(self._tensor(ids), self._tensor(pos), attn, lora, token_vocab)
         if is_prefill:
-            self.prompt_logits = self._prompt_logits(seqs, lens, hidden, vocab)
+            self.prompt_logits = self._prompt_logits(seqs, counts[: len(seqs)], hidden, vocab)
         if last is not None:
             hidden = hidden.index_select(0, last)
         return self.model.logits(hidden, vocab)
+
+    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[list[int], list[int], list[int]]:
+        """(token ids, positions, KV rows) of a decode step: each sequence's last token."""
+        ids = [seq.token_ids[-1] for seq in seqs]
+        pos = [len(seq) - 1 for seq in seqs]
+        return ids, pos, [self.blocks.row(seq, len(seq) - 1) for seq in seqs]
 
     def _prompt_logits(
         self, seqs: list[Sequence], lens: list[int], hidden: torch.Tensor, vocab: list[int] | None

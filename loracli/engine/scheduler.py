@@ -1,9 +1,17 @@
 """The scheduler: which sequences run in the next step. Plain Python bookkeeping, no tensors.
 
-Each step is either a prefill step (admit waiting sequences, whole prompts) or a decode step
-(one token for every running sequence), as in nano-vllm. Admission, in arrival order:
+A step admits waiting sequences (whole prompts: a prefill) and runs one token for every running
+sequence (a decode), in one forward (`mixed_prefill`, vLLM V1's mixed batch without splitting a
+prompt): the running sequences get their next KV block first (`Batch.decode`), then waiting ones
+are admitted into what is left of the `max_batched_tokens` budget. So a place freed by a finished
+sequence is filled in the next step without a step of its own for the new prompt (a prefill of a
+few rows costs nearly what a decode step of the whole batch costs). The first sequence admitted
+is always allowed, as a lone prompt is, so a step holds at most `max_batched_tokens` plus
+`max_num_seqs` tokens. With `mixed_prefill` off (and after a mixed step ran out of device
+memory), each step is either a prefill step or a decode step, as in nano-vllm. Admission, in
+arrival order:
 - a sequence needs KV blocks for all its tokens, a place among `max_num_seqs`, room in the
-  `max_batched_tokens` budget (a lone sequence is always allowed), and, when it names an
+  `max_batched_tokens` budget (the first one of the step is always allowed), and, when it names an
   adapter, a device slot for it (already resident, free, or evictable: unused by the batch);
   a sequence of an adapter mix needs a slot for every adapter of the mix at once (it waits,
   as above, until all fit) and holds them all while it runs;
@@ -50,8 +58,9 @@ from .slots import SlotManager
 
 @dataclass
 class Batch:
-    seqs: list[Sequence]
+    seqs: list[Sequence]  # prefill: the sequences admitted (whole prompts); decode: the running ones
     is_prefill: bool
+    decode: list[Sequence] = field(default_factory=list)  # a mixed step: the running sequences decoding beside `seqs`
     activations: list[tuple[int, str]] = field(default_factory=list)  # (slot, adapter) to write
     failed: list[tuple[Sequence, str]] = field(default_factory=list)  # adapter load failures
     forks: list[tuple[Sequence, list[Sequence]]] = field(default_factory=list)  # (sample 0, samples forked from it)
@@ -71,6 +80,7 @@ class Scheduler:
         # live batch limits: start at the config's, lowered by `back_off` after running out of memory
         self.max_num_seqs = config.max_num_seqs
         self.max_batched_tokens = config.max_batched_tokens
+        self.mixed = config.mixed_prefill  # off for good once a mixed step ran out of memory
         self.blocks = blocks
         self.slots = slots
         self.ensure_adapter = ensure_adapter  # name -> None if loaded, else the failure reason
@@ -105,14 +115,22 @@ class Scheduler:
 
     def schedule(self) -> Batch:
         self.step_no += 1
-        batch = self._admit()
-        if batch.seqs or batch.failed:
-            return batch
-        return Batch(self._decode_set(), is_prefill=False)
+        if not self.mixed:
+            batch = self._admit(self.max_batched_tokens)
+            if batch.seqs or batch.failed:
+                return batch
+            return Batch(self._decode_set(), is_prefill=False)
+        decode = self._decode_set()  # first: a sequence preempted for blocks waits again, first in line
+        batch = self._admit(self.max_batched_tokens - len(decode))
+        if batch.seqs:
+            batch.decode = decode
+        else:  # a decode step (with any adapter failures of the admission)
+            batch.seqs, batch.is_prefill = decode, False
+        return batch
 
-    def _admit(self) -> Batch:
+    def _admit(self, budget: int) -> Batch:
+        """Admit waiting sequences, in order, while they fit (`budget`: prompt tokens left in the step)."""
         batch = Batch([], is_prefill=True)
-        budget = self.max_batched_tokens
         kept: deque[Sequence] = deque()
         failed_adapters: dict[str, str] = {}
         stop = False
@@ -252,8 +270,11 @@ class Scheduler:
         """The step of `batch` ran out of device memory: halve the limit it hit and requeue.
 
         A prefill halves `max_batched_tokens` and requeues the whole batch; a decode halves
-        `max_num_seqs` and preempts the running sequences past the new limit.
+        `max_num_seqs` and preempts the running sequences past the new limit. A mixed step requeues
+        its prefill and turns mixing off (the sequences decoding in it stay running).
         """
+        if batch.decode:
+            self.mixed = False
         if batch.is_prefill:
             self.max_batched_tokens = max(1, sum(len(s) - s.num_cached for s in batch.seqs) // 2)
             for seq in batch.seqs:  # their new blocks' KV may be unwritten: take them out of the prefix cache

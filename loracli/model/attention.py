@@ -2,6 +2,8 @@
 
     prefill(q [T, Hq, D], k/v [T, Hkv, D], attn, layer: LayerAttn, deterministic, kv) -> [T, Hq*D]
     decode(q [B, Hq, D], kv [2, rows, Hkv, D], attn, layer: LayerAttn, deterministic) -> [B, Hq*D]
+    step(q, k, v, kv, attn, layer, deterministic) -> [T, Hq*D]: one of them, or both in a mixed step
+      (`AttnMeta.decode`: the prefill's sequences' tokens first, then one per decoding sequence)
 
 Semantics (transformers' eager attention): scores = q·k * scale; with a soft cap, scores = cap *
 tanh(scores / cap); a query at position i sees the keys j <= i of its own sequence, and with a window
@@ -51,6 +53,11 @@ class AttnMeta:
     key_rows: torch.Tensor | None = None  # prefill with context_lens: [sum(context + seq_lens)] int64 KV rows
     fixed_keys: dict = field(default_factory=dict)  # decode, deterministic: window -> DecodeKeys
     paged: PagedMeta | None = None  # decode, not deterministic: block tables and lengths (`paged_decode_attention`)
+    decode: AttnMeta | None = None  # prefill, a mixed step: the decode part's meta (its tokens follow the prefill's)
+
+    def token_counts(self) -> list[int]:
+        """Tokens of each sequence of the step, in row order (a mixed step's decode sequences: 1 each)."""
+        return self.seq_lens + (self.decode.seq_lens if self.decode is not None else [])
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,19 @@ class LayerAttn:
     softcap: float | None
     tanh: Callable[[torch.Tensor], torch.Tensor]
     kv_heads: int
+
+
+def step(q, k, v, kv: torch.Tensor, attn: AttnMeta, layer: LayerAttn, deterministic: bool) -> torch.Tensor:
+    """The step's attention, q [T, Hq, D], k/v [T, Hkv, D] (already in `kv`) -> [T, Hq*D]: `prefill`,
+    `decode`, or in a mixed step both: the prefill over the first P = sum(seq_lens) rows, the decode
+    (`attn.decode`) over the rest. Each row's result is the one it gets in a step of its own kind."""
+    if not attn.is_prefill:
+        return decode(q, kv, attn, layer, deterministic)
+    if attn.decode is None:
+        return prefill(q, k, v, attn, layer, deterministic, kv)
+    n = sum(attn.seq_lens)
+    out = prefill(q[:n], k[:n], v[:n], attn, layer, deterministic, kv)
+    return torch.cat([out, decode(q[n:], kv, attn.decode, layer, deterministic)])
 
 
 def prefill(q, k, v, attn: AttnMeta, layer: LayerAttn, deterministic: bool, kv=None) -> torch.Tensor:

@@ -11,7 +11,8 @@ apply even while the adapter is merged into the layers' weights (its LoRA meta s
 
 Prefill steps hold whole sequences (attention over their own tokens, causal), or the tokens
 after a cached prefix (`AttnMeta.context_lens`: attention also over the prefix's cached keys); decode steps
-hold one token per sequence (attention over its cached tokens). K/V of every token are
+hold one token per sequence (attention over its cached tokens); a mixed step holds a prefill's
+tokens, then one token per decoding sequence (`AttnMeta.decode`, `attention.step`). K/V of every token are
 written to the cache at `attn.slot_mapping`. The math follows transformers' modeling code
 (RMSNorm in float32, rotate-half RoPE from transformers' own rotary classes, gated MLP, GQA),
 so outputs match it token for token. One layer, with the family's options (`ModelSpec.family`):
@@ -241,7 +242,7 @@ class CausalLM:
         if self.embed_scale is not None:
             x = x * self.embed_scale
         norm, eps = self.norm_fn, s.rms_eps
-        ends = step_ends(positions, attn.seq_lens, attn.is_prefill) if self.rope.switch is not None else None
+        ends = step_ends(positions, attn.token_counts(), attn.is_prefill) if self.rope.switch is not None else None
         tables = self.rope.lookup(positions, ends)  # kind -> cos, signed sin [T, 1, R]
         hq, hkv, qk_n = s.num_heads, s.num_kv_heads, (s.num_heads + s.num_kv_heads) * s.head_dim
         for layer, kv, layer_attn in zip(self.layers, self.kv, self.attn, strict=True):
@@ -257,11 +258,7 @@ class CausalLM:
                 k = apply_rope(norm(qk[:, hq:], layer.k_norm, eps), cos, sin)
             kv[0].index_copy_(0, attn.slot_mapping, k)
             kv[1].index_copy_(0, attn.slot_mapping, v)
-            if attn.is_prefill:
-                a = attention.prefill(q, k, v, attn, layer_attn, self.deterministic, kv)
-            else:
-                a = attention.decode(q, kv, attn, layer_attn, self.deterministic)
-            a = layer.o(a, lora)
+            a = layer.o(attention.step(q, k, v, kv, attn, layer_attn, self.deterministic), lora)
             x.add_(a if layer.attn_out_norm is None else norm(a, layer.attn_out_norm, eps))  # x: new this step
             m = self._mlp(layer, norm(x, layer.mlp_norm, eps), lora)
             x.add_(m if layer.mlp_out_norm is None else norm(m, layer.mlp_out_norm, eps))

@@ -66,6 +66,7 @@ class LoracliSystem(System):
         return {
             "steps": c.steps,
             "prefill_steps": c.prefill_steps,
+            "mixed_steps": c.mixed_steps,
             "slot_activations": c.slot_activations,
             "slot_evictions": c.slot_evictions,
             "slot_hits": e.slots.stats.hits,
