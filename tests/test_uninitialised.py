@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from runs import tiny_engine
 
+from loracli.model.lora_linear import MultiLoraLinear
 from loracli.requests import Request
 from loracli.sampling import SamplingParams
 
@@ -17,21 +18,30 @@ def _outputs(engine, n: int = 9) -> dict[str, list[int]]:
     return {r.id: list(r.token_ids) for r in engine.generate(reqs, params)}
 
 
-def _poison(engine) -> None:
+def _poison(engine, monkeypatch) -> None:
+    """NaN in the KV cache's rows and in every LoRA buffer allocated from now on, as uninitialised
+    memory may hold."""
     for kv in engine.model.kv:
         kv[:, : engine.model.zero_row].fill_(float("nan"))
+    storage = MultiLoraLinear._storage
+
+    def poisoned(self, *args):
+        a, bs = storage(self, *args)
+        for t in (a, *bs):
+            t.fill_(float("nan"))
+        return a, bs
+
+    monkeypatch.setattr(MultiLoraLinear, "_storage", poisoned)
     for _, lin in engine.model.linears():
-        for A, B in zip(lin.A, lin.B, strict=True):
-            A.fill_(float("nan"))
-            B.fill_(float("nan"))
+        lin.resize(lin.n_slots)
 
 
-def test_nan_in_unwritten_kv_rows_and_slots_never_reaches_outputs(llama_dir, llama_adapters):
+def test_nan_in_unwritten_kv_rows_and_slots_never_reaches_outputs(llama_dir, llama_adapters, monkeypatch):
     clean = _outputs(
         tiny_engine(llama_dir, llama_adapters, max_loras=4, max_num_seqs=4, num_kv_blocks=16, block_size=4)
     )
     poisoned = tiny_engine(llama_dir, llama_adapters, max_loras=4, max_num_seqs=4, num_kv_blocks=16, block_size=4)
-    _poison(poisoned)
+    _poison(poisoned, monkeypatch)
     got = _outputs(poisoned)
     assert got == clean and len(got) == 9
 

@@ -47,6 +47,8 @@ class ModelRunner:
         """Copy an adapter's A and scaled B (DoRA: with its magnitudes) and its bias changes into `slot` of
         every LoRA linear; clear what it lacks."""
         for layer, lin in self.model.linears():
+            modules = [weights.modules.get((layer, name)) for name in lin.names]
+            lin.fit(slot, [0 if ab is None else ab[0].shape[0] for ab in modules])
             for j, name in enumerate(lin.names):
                 where = (layer, name)
                 ab = weights.modules.get(where)

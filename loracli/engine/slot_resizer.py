@@ -174,11 +174,10 @@ class SlotResizer:
                 for j, module in enumerate(lin.names):
                     ab = weights.modules.get((layer, module))
                     r = 0 if ab is None else ab[0].shape[0]
-                    ok = lin.ranks[j][slot] == r and not lin.A[j][slot, r:].any() and not lin.B[j][slot, :, r:].any()
+                    a, b = lin.slot_rows(j, slot)
+                    ok = lin.ranks[j][slot] == r and not a[r:].any() and not b[:, r:].any()
                     if ok and ab is not None:
-                        ok = torch.equal(lin.A[j][slot, :r], ab[0].to(lin.A[j].dtype)) and torch.equal(
-                            lin.B[j][slot, :, :r], ab[1].to(lin.B[j].dtype)
-                        )
+                        ok = torch.equal(a[:r], ab[0].to(a.dtype)) and torch.equal(b[:, :r], ab[1].to(b.dtype))
                     if not ok:
                         raise RuntimeError(
                             f"verify_slots: adapter {name!r} in slot {slot}, layer {layer} "
