@@ -123,7 +123,7 @@ def run_command(
     allow_pickle: Annotated[
         bool, typer.Option(help="Allow pickle (.bin) weights: only for trusted files", rich_help_panel=MODEL)
     ] = False,
-    max_num_seqs: Annotated[int, typer.Option(help="Most sequences in one batch", rich_help_panel=MODEL)] = 64,
+    max_num_seqs: Annotated[int, typer.Option(help="Most sequences in one batch", rich_help_panel=MODEL)] = 128,
     max_batched_tokens: Annotated[
         int,
         typer.Option(
