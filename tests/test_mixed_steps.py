@@ -82,6 +82,7 @@ def test_decode_tokens_count_against_the_step_budget():
 
 
 def test_a_mixed_step_out_of_memory_requeues_its_prompts_and_stops_mixing():
+    """Mixing is turned off, the limits stay: the steps that follow back off on their own."""
     sched = scheduler(True)
     a, b = seq(0, None), seq(1, None)
     sched.add(a)
@@ -93,6 +94,7 @@ def test_a_mixed_step_out_of_memory_requeues_its_prompts_and_stops_mixing():
     assert b.status is Status.WAITING and sched.waiting[0] is b
     assert a.status is Status.RUNNING and sched.running == [a]
     assert not sched.mixed
+    assert (sched.max_batched_tokens, sched.max_num_seqs) == (4096, 2)  # limits unchanged: mixing was the change
     step = sched.schedule()
     assert step.is_prefill and step.seqs == [b] and step.decode == []
 

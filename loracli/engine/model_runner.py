@@ -1,7 +1,10 @@
 """The only part of the engine that builds tensors: batch inputs, adapter slot writes, forward.
 
-`run(seqs, is_prefill)` orders nothing itself: the engine hands sequences sorted by adapter
-slot, so each slot's tokens form one contiguous run and the LoRA ops work on slices.
+`run(seqs, is_prefill, decode)` orders nothing itself: the engine hands sequences sorted by adapter
+slot, so each slot's tokens form one contiguous run and the LoRA ops work on slices. A mixed
+step's prompts and decoding sequences are sorted each on their own (the prompts' tokens come
+first), so a slot in both has two runs and the LoRA metadata carries the permutation that sorts
+the tokens by slot (`LoraMeta.order`): the ops gather and scatter the step's rows once each.
 With a deterministic model (`CausalLM.deterministic`) the LoRA metadata asks for batch-invariant
 ops, and a decode step's keys are padded (to the zero row) up to a multiple of `model.key_tile`;
 otherwise a decode step hands attention the block tables and lengths (`build_paged_meta`).

@@ -7,9 +7,9 @@ are admitted into what is left of the `max_batched_tokens` budget. So a place fr
 sequence is filled in the next step without a step of its own for the new prompt (a prefill of a
 few rows costs nearly what a decode step of the whole batch costs). The first sequence admitted
 is always allowed, as a lone prompt is, so a step holds at most `max_batched_tokens` plus
-`max_num_seqs` tokens. With `mixed_prefill` off (and after a mixed step ran out of device
-memory), each step is either a prefill step or a decode step, as in nano-vllm. Admission, in
-arrival order:
+`max_num_seqs` tokens, or a lone prompt longer than that budget plus the decoding sequences.
+With `mixed_prefill` off (and after a mixed step ran out of device memory), each step is either
+a prefill step or a decode step, as in nano-vllm. Admission, in arrival order:
 - a sequence needs KV blocks for all its tokens, a place among `max_num_seqs`, room in the
   `max_batched_tokens` budget (the first one of the step is always allowed), and, when it names an
   adapter, a device slot for it (already resident, free, or evictable: unused by the batch);
@@ -270,13 +270,15 @@ class Scheduler:
         """The step of `batch` ran out of device memory: halve the limit it hit and requeue.
 
         A prefill halves `max_batched_tokens` and requeues the whole batch; a decode halves
-        `max_num_seqs` and preempts the running sequences past the new limit. A mixed step requeues
-        its prefill and turns mixing off (the sequences decoding in it stay running).
+        `max_num_seqs` and preempts the running sequences past the new limit. A mixed step turns
+        mixing off and requeues its prompts, limits unchanged (the sequences decoding in it stay
+        running): the next steps are a decode and a prefill of their own, which back off as above.
         """
         if batch.decode:
             self.mixed = False
-        if batch.is_prefill:
+        elif batch.is_prefill:
             self.max_batched_tokens = max(1, sum(len(s) - s.num_cached for s in batch.seqs) // 2)
+        if batch.is_prefill:
             for seq in batch.seqs:  # their new blocks' KV may be unwritten: take them out of the prefix cache
                 self.blocks.forget(seq)
             victims = list(batch.seqs) + [child for _, children in batch.forks for child in children]
