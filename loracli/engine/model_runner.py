@@ -145,13 +145,12 @@ class ModelRunner:
                 rows.extend(self.blocks.row(seq, p) for p in range(cached, n))
                 lens.append(n - cached)
             ends = list(accumulate(lens, initial=-1))[1:]  # each sequence's last token row
-            if decode:
+            if decode:  # a mixed step: one token per decoding sequence after the prompts' tokens
                 d_ids, d_pos, d_rows = self._decode_inputs(decode)
                 ends += range(len(ids), len(ids) + len(decode))
-                ids, pos = ids + d_ids, pos + d_pos
-            attn = AttnMeta(True, self._tensor(rows + d_rows if decode else rows), lens)
-            if decode:
-                attn.decode = self._decode_meta(decode, d_rows)
+                ids, pos, rows = ids + d_ids, pos + d_pos, rows + d_rows
+            attn = AttnMeta(True, self._tensor(rows), lens)
+            attn.decode = self._decode_meta(decode, d_rows) if decode else None
             if any(seq.num_cached for seq in seqs):
                 attn.context_lens = [seq.num_cached for seq in seqs]
                 attn.key_rows = self._tensor([self.blocks.row(seq, p) for seq in seqs for p in range(len(seq))])
@@ -161,14 +160,13 @@ class ModelRunner:
             attn = self._decode_meta(seqs, rows)
             last = None
         every = seqs + decode
-        counts = [len(seq) - seq.num_cached for seq in seqs] if is_prefill else [1] * len(seqs)
-        counts += [1] * len(decode)  # tokens of each sequence of `every` in the step
+        counts = attn.token_counts()  # tokens of each sequence of `every` in the step
         lora = self.lora_meta(every, counts)
         vocab = [self.vocab_slot_of(seq) for seq in every] if self.model.vocab.any() else None
         token_vocab = None if vocab is None else [s for s, n in zip(vocab, counts, strict=True) for _ in range(n)]
         hidden = self.model.forward(self._tensor(ids), self._tensor(pos), attn, lora, token_vocab)
         if is_prefill:
-            self.prompt_logits = self._prompt_logits(seqs, counts[: len(seqs)], hidden, vocab)
+            self.prompt_logits = self._prompt_logits(seqs, attn.seq_lens, hidden, vocab)
         if last is not None:
             hidden = hidden.index_select(0, last)
         return self.model.logits(hidden, vocab)

@@ -155,6 +155,10 @@ class MultiLoraLinear:
         slot's ranks are set now; its weights are stale until those calls."""
         for j, r in enumerate(ranks):
             self.ranks[j][slot] = r
+        self._follow_ranks()
+
+    def _follow_ranks(self) -> None:
+        """Lay the buffers out again if `ranks` now need other widths."""
         width, widths = self.layout(self.ranks)
         if (width, widths) != (self.width, self.widths):
             self._relayout(width, widths)
@@ -270,9 +274,7 @@ class MultiLoraLinear:
             for buffer in self.B:
                 buffer[slot].zero_()
         self.ranks[j][slot] = r
-        width, widths = self.layout(self.ranks)
-        if (width, widths) != (self.width, self.widths):
-            self._relayout(width, widths)
+        self._follow_ranks()
         rows, cols = self.slot_rows(j, slot)
         if r:
             rows[:r].copy_(a)
